@@ -1,0 +1,5 @@
+"""Thin Lightning callbacks: schedule, call the functional math, publish, log."""
+
+from lightning_lip.callbacks.kappa_budget import KappaBudgetProjection
+
+__all__ = ["KappaBudgetProjection"]

@@ -1,0 +1,393 @@
+r"""
+κ-budget projection
+^^^^^^^^^^^^^^^^^^^
+
+Caps the operator norm of every linear layer after each optimizer step so that the product of the norms, an
+upper bound of the network's Lipschitz constant, stays under ``max_lipschitz``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_lip.callbacks._common import WarnOnce, check_choice, check_int, check_positive, tensorboard_writer
+from lightning_lip.functional.spectral import (
+    Operator,
+    SingularTriplet,
+    is_supported,
+    lanczos_svd,
+    layer_operator,
+    power_iteration,
+    projection_scale,
+    proportional_budget,
+    random_start,
+    sample_shape,
+    uniform_budget,
+)
+from lightning_lip.registry import LipRegistry
+
+log = logging.getLogger(__name__)
+
+# Weight of fresh noise in the start vector: per step (costs ~1e-6 relative of sigma) and at audits.
+_STEP_MIX = 1e-3
+_AUDIT_MIX = 1.0
+_NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+class KappaBudgetProjection(Callback):
+    r"""Project every ``Linear``, ``ConvNd`` and ``ConvTransposeNd`` layer onto its operator-norm budget after each
+    optimizer step.
+
+    After every real optimizer step (not on gradient-accumulation micro-batches, not when AMP skipped the step) the
+    callback estimates each layer's operator norm :math:`\sigma_l` by power iteration warm-started from the previous
+    step's singular vector, asks :meth:`allocate` for budgets :math:`\kappa_l` with
+    :math:`\prod_l \kappa_l \le L_{max}`, and rescales :math:`W_l \leftarrow W_l \min(1, \kappa_l/\sigma_l)`. Layers
+    under budget stay bit-identical. For convolutions the norm is that of the true operator on the layer's input
+    shape as recorded in the last forward pass (stride, padding, padding mode, dilation and groups included), not
+    that of the reshaped kernel. Every ``audit_every_n_steps`` steps, and whenever a layer starts cold, the norm is
+    measured tightly by Lanczos instead. Layers that cannot be certified (attention, normalization, embeddings, ...)
+    are listed once in a warning: the logged bound assumes them 1-Lipschitz.
+
+    Logged (``pl_module.log``, per step): ``lip/kappa/bound``, ``lip/kappa/log10_bound``, ``lip/kappa/n_projected``,
+    ``lip/kappa/n_skipped``, ``lip/kappa/seconds``, per layer ``lip/kappa/sigma/<layer>`` and
+    ``lip/kappa/kappa/<layer>``; at audits ``lip/kappa/audit_bound`` and ``lip/kappa/audit_log10_bound``. With a
+    ``TensorBoardLogger`` also the histogram ``lip/kappa/sigma``. Registry keys: see
+    :data:`lightning_lip.registry.KEYS`.
+
+    Args:
+        max_lipschitz: the budget :math:`L_{max} > 0` on the product of the layer norms.
+        policy: budget allocation: ``"proportional"`` (when :math:`\prod\sigma_l > L_{max}` shrink every
+            :math:`\log\sigma_l` by the same amount), ``"uniform"`` (:math:`\kappa_l = L_{max}^{1/L}`) or
+            ``"fixed"`` (``kappas``).
+        kappas: ``{layer name: kappa}`` for ``policy="fixed"``, covering every projected layer, product
+            :math:`\le L_{max}`.
+        layers: qualified module names to project; default every supported layer.
+        n_power_iterations: power iterations per step, ``>= 1``.
+        tol: convergence check of each step's estimate: when the last power iteration's two estimates
+            :math:`\|Av\| \le \|A^\top u\|` differ by more than ``tol`` relative (the weights moved the top
+            singular direction), that layer is re-measured by warm-started Lanczos.
+        audit_every_n_steps: run a tight Lanczos measurement every this many steps; ``0`` disables audits.
+        audit_tol: relative tolerance of the audit on :math:`\sigma^2` (the audited :math:`\sigma` is within
+            about half of it).
+        audit_max_iterations: cap on Lanczos steps of an audit.
+        log_per_layer: log :math:`\sigma_l` and :math:`\kappa_l` of every layer.
+
+    Raises:
+        ValueError: if an argument is out of range, or at setup if ``layers`` or ``kappas`` name layers that the
+            model does not have or that are not supported.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[KappaBudgetProjection(max_lipschitz=10.0)])
+    """
+
+    POLICIES = ("proportional", "uniform", "fixed")
+
+    def __init__(
+        self,
+        max_lipschitz: float,
+        policy: str = "proportional",
+        kappas: dict[str, float] | None = None,
+        layers: list[str] | None = None,
+        n_power_iterations: int = 1,
+        tol: float = 1e-5,
+        audit_every_n_steps: int = 100,
+        audit_tol: float = 1e-6,
+        audit_max_iterations: int = 100,
+        log_per_layer: bool = True,
+    ) -> None:
+        check_positive("max_lipschitz", max_lipschitz)
+        check_choice("policy", policy, self.POLICIES)
+        if (policy == "fixed") != (kappas is not None):
+            raise ValueError(f"`kappas` must be given exactly when `policy='fixed'`, got policy={policy!r}.")
+        for name, kappa in (kappas or {}).items():
+            check_positive(f"kappas[{name!r}]", kappa)
+        if kappas is not None and math.prod(kappas.values()) > max_lipschitz * (1 + 1e-9):
+            raise ValueError(
+                f"The product of `kappas` ({math.prod(kappas.values()):.6g}) exceeds `max_lipschitz` ({max_lipschitz})."
+            )
+        if layers is not None and (not layers or not all(isinstance(n, str) for n in layers)):
+            raise ValueError(f"`layers` must be a non-empty list of module names or None, got {layers!r}.")
+        check_int("n_power_iterations", n_power_iterations, 1)
+        check_positive("tol", tol)
+        check_int("audit_every_n_steps", audit_every_n_steps, 0)
+        check_positive("audit_tol", audit_tol)
+        check_int("audit_max_iterations", audit_max_iterations, 1)
+        self.max_lipschitz = float(max_lipschitz)
+        self.policy = policy
+        self.kappas = dict(kappas) if kappas is not None else None
+        self.layers = list(layers) if layers is not None else None
+        self.n_power_iterations = n_power_iterations
+        self.tol = tol
+        self.audit_every_n_steps = audit_every_n_steps
+        self.audit_tol = audit_tol
+        self.audit_max_iterations = audit_max_iterations
+        self.log_per_layer = log_per_layer
+
+        self.n_projections = 0
+        self._layers: dict[str, nn.Module] = {}
+        self._shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._vectors: dict[str, Tensor] = {}
+        self._sigmas: dict[str, float] = {}
+        self._current_kappas: dict[str, float] = {}
+        self._n_skipped = 0
+        self._generator = torch.Generator().manual_seed(0)
+        self._handles: list[Any] = []
+        self._pending: dict[str, float] | None = None
+        self._warn = WarnOnce()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(max_lipschitz=self.max_lipschitz, policy=self.policy, layers=self.layers)
+
+    def allocate(self, sigmas: dict[str, float]) -> dict[str, float]:
+        r"""Budgets :math:`\kappa_l` from the current norms :math:`\sigma_l`; override to change the policy.
+
+        Args:
+            sigmas: ``{layer: sigma}`` of every measured layer (finite, ``>= 0``).
+
+        Returns:
+            ``{layer: kappa}`` with the same keys, each finite and ``> 0``; :math:`\prod_l\kappa_l \le L_{max}`
+            keeps the network bound under ``max_lipschitz``.
+        """
+        if self.policy == "uniform":
+            return uniform_budget(list(sigmas), self.max_lipschitz)
+        if self.policy == "fixed":
+            return {name: self.kappas[name] for name in sigmas}
+        return proportional_budget(sigmas, self.max_lipschitz)
+
+    def should_audit(self, step: int) -> bool:
+        """Whether the optimizer step ``step`` (1-based) measures the norms tightly by Lanczos."""
+        return self.audit_every_n_steps > 0 and step % self.audit_every_n_steps == 0
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._layers, excluded = self._find_layers(pl_module)
+        if excluded:
+            message = (
+                f"{type(self).__name__} does not project {len(excluded)} layer(s); the logged Lipschitz bound holds "
+                f"only if they are 1-Lipschitz: {', '.join(excluded)}."
+            )
+            self._warn("excluded", message)
+            log.info(message)
+        if not self._layers:
+            self._warn("no_layers", f"{type(self).__name__} found no Linear/ConvNd/ConvTransposeNd layer: it is inert.")
+        for name, layer in self._layers.items():
+            self._handles.append(layer.register_forward_hook(partial(self._record_shapes, name)))
+
+    def _find_layers(self, pl_module: LightningModule) -> tuple[dict[str, nn.Module], list[str]]:
+        """Covered layers (tied weights once) and descriptions of those left out."""
+        modules = dict(pl_module.named_modules())
+        if self.layers is not None:
+            absent = [n for n in self.layers if n not in modules]
+            if absent:
+                raise ValueError(f"`layers` names modules the model does not have: {absent}.")
+            unsupported = [n for n in self.layers if not is_supported(modules[n])]
+            if unsupported:
+                raise ValueError(f"`layers` names unsupported modules (not Linear/ConvNd/ConvTransposeNd): {unsupported}.")
+        wanted = set(self.layers) if self.layers is not None else None
+        covered: dict[str, nn.Module] = {}
+        excluded: list[str] = []
+        weights: set[int] = set()
+        for name, module in modules.items():
+            if is_supported(module) and (wanted is None or name in wanted):
+                if id(module.weight) not in weights:
+                    weights.add(id(module.weight))
+                    covered[name] = module
+            elif is_supported(module) or any(True for _ in module.parameters(recurse=False)):
+                excluded.append(f"{name} ({type(module).__name__})")
+            elif isinstance(module, _NORM_LAYERS):
+                excluded.append(f"{name} ({type(module).__name__})")
+        if self.kappas is not None:
+            unknown = sorted(set(self.kappas) - set(covered))
+            if unknown:
+                raise ValueError(f"`kappas` names layers that are not projected: {unknown}. Projected: {list(covered)}.")
+            missing = sorted(set(covered) - set(self.kappas))
+            if missing:
+                raise ValueError(f"`kappas` has no budget for the projected layers {missing}.")
+        return covered, excluded
+
+    def _record_shapes(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        self._shapes[name] = (sample_shape(module, args[0]), sample_shape(module, output))
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
+
+    def _on_optimizer_step(self, trainer: Trainer, optimizer: Any, args: Any, kwargs: Any) -> None:
+        # A step post-hook fires only for real steps: not on accumulation micro-batches, not when AMP skips a step.
+        self.project(trainer, step=trainer.global_step + 1)
+
+    @torch.no_grad()
+    def project(self, trainer: Trainer, step: int) -> None:
+        """Measure every layer, allocate the budget, rescale the layers over budget, publish and queue the logs."""
+        if not self._layers:
+            return
+        start = time.perf_counter()
+        audit = self.should_audit(step)
+        operators = {name: op for name, layer in self._layers.items() if (op := self._operator(name, layer))}
+        if not operators:
+            return
+        triplets = {name: self._measure(name, op, audit) for name, op in operators.items()}
+        estimates = torch.stack([torch.stack([t.sigma, t.sigma_prev]).double() for t in triplets.values()]).cpu()
+        for name, (sigma, sigma_prev) in zip(list(triplets), estimates.tolist()):
+            if math.isfinite(sigma) and sigma - sigma_prev > self.tol * sigma:  # not converged: refine warm
+                triplets[name] = self._measure(name, operators[name], audit=True, v=triplets[name].v)
+        # Rank 0 decides: the scales are identical everywhere even where kernels are not bitwise deterministic.
+        measured = torch.stack([t.sigma.double() for t in triplets.values()]).cpu()
+        measured = trainer.strategy.broadcast(measured, src=0).tolist()
+        sigmas = {}
+        for (name, triplet), sigma in zip(triplets.items(), measured):
+            if math.isfinite(sigma):
+                sigmas[name] = sigma
+                self._vectors[name] = triplet.v
+            else:
+                self._n_skipped += 1
+                self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
+        kappas = self._checked_allocation(sigmas)
+        n_projected = 0
+        for name, sigma in sigmas.items():
+            weight = self._layers[name].weight
+            scale = projection_scale(sigma, kappas[name])
+            if not weight.requires_grad:
+                self._warn(f"frozen/{name}", f"Layer {name!r} is frozen: its norm counts in the bound, unprojected.")
+                scale = 1.0
+            if scale < 1.0:
+                weight.mul_(scale)
+                n_projected += 1
+            self._sigmas[name] = sigma * scale
+        self._current_kappas = kappas
+        self.n_projections += 1
+        self._publish(trainer, triplets, step)
+        self._queue_logs(n_projected, time.perf_counter() - start, audit)
+
+    def _operator(self, name: str, layer: nn.Module) -> Operator | None:
+        if name in self._shapes:
+            return layer_operator(layer, *self._shapes[name])
+        if isinstance(layer, nn.Linear):
+            return layer_operator(layer)
+        self._warn(f"unused/{name}", f"Layer {name!r} has not run a forward pass yet: it is not projected.")
+        return None
+
+    def _measure(self, name: str, operator: Operator, audit: bool, v: Tensor | None = None) -> SingularTriplet:
+        """Power iteration from the warm vector; Lanczos for audits, cold starts, and refinements from ``v``.
+
+        Fresh noise is mixed into every start so that no warm vector stays locked in an invariant subspace (a
+        circular convolution's Fourier blocks) while another subspace takes over the top singular value.
+        """
+        weight = self._layers[name].weight
+        shape = self._shapes[name][0] if name in self._shapes else (weight.shape[1],)
+        v = self._vectors.get(name) if v is None else v
+        cold = v is None or tuple(v.shape) != tuple(shape) or not bool(torch.isfinite(v).all())
+        noise = random_start(shape, weight, self._generator)
+        v = noise if cold else v.to(weight.device) / v.norm() + (_AUDIT_MIX if audit else _STEP_MIX) * noise
+        with torch.autocast(weight.device.type, enabled=False):
+            if cold or audit:
+                return lanczos_svd(operator, v, self.audit_max_iterations, self.audit_tol)
+            return power_iteration(operator, v, self.n_power_iterations)
+
+    def _checked_allocation(self, sigmas: dict[str, float]) -> dict[str, float]:
+        kappas = self.allocate(sigmas)
+        if set(kappas) != set(sigmas) or not all(math.isfinite(k) and k > 0 for k in kappas.values()):
+            raise ValueError(
+                f"{type(self).__name__}.allocate must return a finite kappa > 0 for each of {sorted(sigmas)}, "
+                f"got {kappas}."
+            )
+        return kappas
+
+    def _publish(self, trainer: Trainer, triplets: dict[str, SingularTriplet], step: int) -> None:
+        registry = LipRegistry.of(trainer)
+        for name, sigma in self._sigmas.items():
+            registry.publish(f"kappa/sigma/{name}", sigma, step)
+            registry.publish(f"kappa/kappa/{name}", self._current_kappas.get(name, sigma), step)
+            if name in triplets:
+                registry.publish(f"kappa/singular_vectors/{name}", (triplets[name].u, triplets[name].v), step)
+        registry.publish("kappa/bound", self.bound, step)
+
+    @property
+    def bound(self) -> float:
+        r"""Product :math:`\prod_l \sigma_l` of the layer norms after the last projection."""
+        return math.prod(self._sigmas.values())
+
+    @property
+    def sigmas(self) -> dict[str, float]:
+        """``{layer: sigma}`` after the last projection."""
+        return dict(self._sigmas)
+
+    def _queue_logs(self, n_projected: int, seconds: float, audit: bool) -> None:
+        bound = self.bound
+        log10_bound = math.log10(bound) if bound > 0 else -math.inf
+        metrics = {
+            "lip/kappa/bound": bound,
+            "lip/kappa/log10_bound": log10_bound,
+            "lip/kappa/n_projected": float(n_projected),
+            "lip/kappa/n_skipped": float(self._n_skipped),
+            "lip/kappa/seconds": seconds,
+        }
+        if audit:
+            metrics |= {"lip/kappa/audit_bound": bound, "lip/kappa/audit_log10_bound": log10_bound}
+        if self.log_per_layer:
+            for name, sigma in self._sigmas.items():
+                metrics[f"lip/kappa/sigma/{name}"] = sigma
+                metrics[f"lip/kappa/kappa/{name}"] = self._current_kappas[name]
+        self._pending = metrics
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._pending is None:
+            return
+        pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
+        self._pending = None
+        writer = tensorboard_writer(trainer)
+        if writer is not None and self._sigmas:
+            writer.add_histogram("lip/kappa/sigma", torch.tensor(list(self._sigmas.values())), trainer.global_step)
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "vectors": {name: v.detach().cpu() for name, v in self._vectors.items()},
+            "sigmas": dict(self._sigmas),
+            "kappas": dict(self._current_kappas),
+            "n_projections": self.n_projections,
+            "n_skipped": self._n_skipped,
+            "generator": self._generator.get_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._vectors = dict(state_dict["vectors"])
+        self._sigmas = dict(state_dict["sigmas"])
+        self._current_kappas = dict(state_dict["kappas"])
+        self.n_projections = state_dict["n_projections"]
+        self._n_skipped = state_dict["n_skipped"]
+        self._generator.set_state(state_dict["generator"])

@@ -1,0 +1,173 @@
+r"""Lanczos eigensolver for symmetric operators given only as a matrix-vector product.
+
+Full reorthogonalization (classical Gram-Schmidt, twice), the tridiagonal matrix solved in float64, restart on
+breakdown with a random vector orthogonal to the Krylov basis, and Ritz residual bounds: a Ritz pair
+:math:`(\theta, y)` has an exact eigenvalue within :math:`\|Ay - \theta y\| = \beta_j |s_{j}|` of :math:`\theta`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MatVec = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class LanczosResult:
+    r"""Result of :func:`lanczos`.
+
+    Attributes:
+        eigenvalues: ``[k]`` float64, the ``k`` largest Ritz values, descending.
+        eigenvectors: ``[k, n]`` unit Ritz vectors, dtype and device of the start vector.
+        residuals: ``[k]`` float64 residual norms :math:`\|Ay - \theta y\|`, bounds of the eigenvalue errors.
+        lambda_min: 0-dim float64, the smallest Ritz value.
+        residual_min: 0-dim float64, its residual norm.
+        n_matvec: products with the operator.
+        converged: every requested value met the stopping rule.
+    """
+
+    eigenvalues: Tensor
+    eigenvectors: Tensor
+    residuals: Tensor
+    lambda_min: Tensor
+    residual_min: Tensor
+    n_matvec: int
+    converged: bool
+
+
+def lanczos(
+    matvec: MatVec,
+    v0: Tensor,
+    k: int = 1,
+    max_iter: int = 30,
+    tol: float = 1e-3,
+    min_iter: int | None = None,
+    require_min: bool = False,
+    generator: torch.Generator | None = None,
+) -> LanczosResult:
+    r"""Top ``k`` eigenpairs (and the smallest eigenvalue) of the symmetric operator ``matvec``.
+
+    Stops after iteration :math:`j \ge` ``min_iter`` once every wanted Ritz value :math:`\theta` has
+    residual :math:`\le \mathrm{tol}\cdot s` *and* changed by :math:`\le \mathrm{tol}\cdot s` since the
+    previous iteration, with :math:`s = \max(|\theta_{max}|, |\theta_{min}|)` the operator's scale. The minimum
+    number of steps keeps a start vector nearly orthogonal to the top eigenvector from stopping on
+    :math:`\lambda_2`.
+
+    Args:
+        matvec: ``x -> A x`` on 1-D tensors of ``n`` elements, ``A`` symmetric.
+        v0: ``[n]`` start vector (e.g. a warm start mixed with noise); need not be normalized.
+        k: number of top eigenpairs wanted, ``1 <= k <= n``.
+        max_iter: cap on Lanczos steps (= products with ``A``).
+        tol: relative tolerance of the stopping rule, ``> 0``.
+        min_iter: minimum number of steps; default ``min(n, k + 4)``.
+        require_min: also require the smallest Ritz value to meet the rule.
+        generator: random source of restart vectors after a breakdown.
+
+    Returns:
+        A :class:`LanczosResult`; all NaN with ``converged=False`` if the operator returned a non-finite value.
+
+    Example::
+
+        >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> res = lanczos(lambda x: A @ x, torch.ones(100, dtype=torch.float64), max_iter=100, tol=1e-8)
+        >>> round(res.eigenvalues.item(), 6), round(res.lambda_min.item(), 6), res.converged
+        (100.0, 1.0, True)
+    """
+    if v0.dim() != 1:
+        raise ValueError(f"`v0` must be 1-D, got shape {tuple(v0.shape)}.")
+    n = v0.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"`k` must be in [1, {n}], got {k}.")
+    if max_iter < 1:
+        raise ValueError(f"`max_iter` must be >= 1, got {max_iter}.")
+    if not tol > 0:
+        raise ValueError(f"`tol` must be > 0, got {tol}.")
+    max_iter = min(max_iter, n)
+    min_iter = min(n, k + 4) if min_iter is None else min(min_iter, max_iter)
+    eps = torch.finfo(v0.dtype).eps
+
+    basis = v0.new_zeros(max_iter, n)
+    alphas: list[float] = []
+    betas: list[float] = []
+    q = v0 / v0.norm()
+    prev_top: Tensor | None = None
+    converged = False
+    for j in range(max_iter):
+        basis[j] = q
+        w = matvec(q)
+        alphas.append(torch.dot(w, q).item())
+        Q = basis[: j + 1]
+        for _ in range(2):  # twice is enough (Kahan-Parlett)
+            w = w - Q.T @ (Q @ w)
+        beta = w.norm().item()
+        if not (math.isfinite(alphas[-1]) and math.isfinite(beta)):
+            return _nonfinite_result(v0, k, j + 1)
+        betas.append(beta)
+        evals, evecs = _tridiagonal_eigh(alphas, betas[:-1])
+        residuals = beta * evecs[-1].abs()
+        scale = max(abs(evals[0].item()), abs(evals[-1].item()), torch.finfo(torch.float64).tiny)
+        kk = min(k, j + 1)
+        top = evals.flip(0)[:kk]
+        wanted_res = residuals.flip(0)[:kk]
+        if require_min:
+            top = torch.cat([top, evals[:1]])
+            wanted_res = torch.cat([wanted_res, residuals[:1]])
+        small_residual = bool((wanted_res <= tol * scale).all())
+        small_change = prev_top is not None and prev_top.shape == top.shape
+        small_change = small_change and bool(((top - prev_top).abs() <= tol * scale).all())
+        if j + 1 >= min_iter and kk == k and small_residual and small_change:
+            converged = True
+            break
+        prev_top = top
+        if j + 1 == max_iter:
+            break
+        if beta <= eps * scale * n:  # invariant subspace: continue from a fresh orthogonal direction
+            w = torch.randn(n, generator=generator, dtype=v0.dtype).to(v0.device)
+            for _ in range(2):
+                w = w - Q.T @ (Q @ w)
+            betas[-1] = 0.0
+            beta = w.norm().item()
+            if beta == 0.0:
+                break
+        q = w / beta
+
+    m = len(alphas)
+    order = torch.arange(m - 1, m - 1 - min(k, m), -1)
+    ritz_vectors = (evecs[:, order].T.to(basis.dtype).to(basis.device)) @ basis[:m]
+    ritz_vectors = ritz_vectors / ritz_vectors.norm(dim=1, keepdim=True)
+    return LanczosResult(
+        eigenvalues=evals[order],
+        eigenvectors=ritz_vectors,
+        residuals=residuals[order],
+        lambda_min=evals[0],
+        residual_min=residuals[0],
+        n_matvec=m,
+        converged=converged,
+    )
+
+
+def _nonfinite_result(v0: Tensor, k: int, n_matvec: int) -> LanczosResult:
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    return LanczosResult(
+        eigenvalues=nan.repeat(k),
+        eigenvectors=torch.full((k, v0.numel()), math.nan, dtype=v0.dtype, device=v0.device),
+        residuals=nan.repeat(k),
+        lambda_min=nan,
+        residual_min=nan,
+        n_matvec=n_matvec,
+        converged=False,
+    )
+
+
+def _tridiagonal_eigh(alphas: list[float], betas: list[float]) -> tuple[Tensor, Tensor]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal matrix, in float64 on the CPU."""
+    T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+    if betas:
+        off = torch.tensor(betas, dtype=torch.float64)
+        T = T + torch.diag(off, 1) + torch.diag(off, -1)
+    return torch.linalg.eigh(T)

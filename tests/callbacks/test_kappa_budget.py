@@ -1,0 +1,326 @@
+import math
+import warnings
+
+import pytest
+import torch
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
+
+from lightning_lip import KappaBudgetProjection, LipRegistry
+from lightning_lip.functional.spectral import SUPPORTED_LAYERS
+from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.reference import dense_operator_norm, input_jacobian_norms
+
+
+class DenseNorms(Callback):
+    """After each batch (the projection already ran in the step hook) record every covered layer's dense norm."""
+
+    def __init__(self, projection, shapes):
+        self.projection = projection
+        self.shapes = shapes
+        self.records = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        norms = {}
+        for name, module in pl_module.named_modules():
+            if isinstance(module, SUPPORTED_LAYERS):
+                norms[name] = dense_operator_norm(module, self.shapes.get(name))
+        self.records.append((norms, dict(self.projection._current_kappas), self.projection.bound))
+
+
+@pytest.mark.parametrize("policy", ["proportional", "uniform"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_projected_layers_meet_budget(tmp_path, policy, arch):
+    max_lip = 0.5  # far below the initial product: every step projects
+    if arch == "mlp":
+        model, data, shapes = Classifier(mlp(), lr=0.5), random_data(64, (16,)), {}
+    else:
+        model = Classifier(cnn(), lr=0.5)
+        data = random_data(64, (1, 8, 8))
+        shapes = {"net.0": (1, 8, 8), "net.2": (4, 8, 8)}
+    # no audits: the per-step estimate alone (warm power iteration + convergence check) must meet the budget
+    proj = KappaBudgetProjection(max_lipschitz=max_lip, policy=policy, audit_every_n_steps=0)
+    dense = DenseNorms(proj, shapes)
+    Trainer(callbacks=[proj, dense], **trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader(data))
+    assert len(dense.records) == 8 and proj.n_projections == 8
+    for norms, kappas, bound in dense.records:
+        for name, norm in norms.items():
+            assert norm <= kappas[name] * (1 + 1e-3)
+        assert math.prod(norms.values()) <= max_lip * (1 + 1e-2)
+        assert bound == pytest.approx(math.prod(norms.values()), rel=1e-2)
+
+
+def test_mlp_empirical_lipschitz_never_exceeds_logged_bound(tmp_path):
+    model = Classifier(mlp((16, 64, 64, 4)), lr=0.5)
+    proj = KappaBudgetProjection(max_lipschitz=2.0, audit_every_n_steps=1)
+    Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, max_epochs=3)).fit(model, loader(random_data(64)))
+    xs = torch.randn(256, 16)
+    local = input_jacobian_norms(model.net, xs)
+    assert local.max().item() <= proj.bound
+    x1, x2 = torch.randn(512, 16), torch.randn(512, 16) * 0.1
+    ratio = (model.net(x1) - model.net(x1 + x2)).norm(dim=1) / x2.norm(dim=1)
+    assert ratio.max().item() <= proj.bound
+
+
+def test_layers_under_budget_stay_bit_identical(tmp_path):
+    def run(callbacks):
+        torch.manual_seed(1)
+        model = Classifier(cnn(), lr=0.1)
+        Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path)).fit(model, loader(random_data(32, (1, 8, 8))))
+        return model.state_dict()
+
+    plain = run([])
+    proj = KappaBudgetProjection(max_lipschitz=1e6)
+    projected = run([proj])
+    assert proj.n_projections == 2
+    for key in plain:
+        assert torch.equal(plain[key], projected[key])
+
+
+def test_gradient_accumulation_projects_once_per_optimizer_step(tmp_path):
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, accumulate_grad_batches=3, max_epochs=2))
+    trainer.fit(Classifier(mlp()), loader(random_data(112), batch_size=8))  # 14 batches/epoch -> 5 steps/epoch
+    assert trainer.global_step == 10
+    assert proj.n_projections == trainer.global_step
+
+
+class SkipsSomeSteps(Classifier):
+    """Manual optimization that steps only on even batches, as an AMP scaler skipping inf steps does."""
+
+    def __init__(self):
+        super().__init__(mlp())
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if batch_idx % 2 == 0:
+            opt.step()
+
+
+def test_skipped_optimizer_steps_are_not_projected(tmp_path):
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(SkipsSomeSteps(), loader(random_data(80)))
+    assert proj.n_projections == 3
+
+
+def test_publishes_registry_entries(tmp_path):
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path))
+    model = Classifier(mlp())
+    trainer.fit(model, loader(random_data(64)))
+    reg = LipRegistry.of(trainer)
+    assert reg.step_of("kappa/bound") == trainer.global_step == 4
+    assert reg.get("kappa/bound") == pytest.approx(proj.bound)
+    for name in ("net.0", "net.2", "net.4"):
+        u, v = reg.get(f"kappa/singular_vectors/{name}")
+        W = dict(model.named_modules())[name].weight.detach()
+        sigma = reg.get(f"kappa/sigma/{name}")
+        assert reg.get(f"kappa/kappa/{name}") > 0
+        # published vectors are the top singular pair of the projected weight (up to one power iteration)
+        assert (u @ W @ v).item() == pytest.approx(sigma, rel=1e-3)
+
+
+@pytest.mark.parametrize("logger_cls", [CSVLogger, TensorBoardLogger])
+def test_logs_through_any_logger(tmp_path, logger_cls):
+    logger = logger_cls(tmp_path)
+    proj = KappaBudgetProjection(max_lipschitz=0.5, audit_every_n_steps=2)
+    trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1))
+    trainer.fit(Classifier(mlp()), loader(random_data(64)))
+    logged = set(trainer.logged_metrics)
+    expected = {"lip/kappa/bound", "lip/kappa/log10_bound", "lip/kappa/n_projected", "lip/kappa/n_skipped",
+                "lip/kappa/seconds", "lip/kappa/audit_bound", "lip/kappa/sigma/net.0", "lip/kappa/kappa/net.4"}
+    assert expected <= logged
+    assert trainer.logged_metrics["lip/kappa/n_projected"].item() == 3
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = random_data(64, (1, 8, 8))
+
+    def fresh():
+        torch.manual_seed(3)
+        return Classifier(cnn(), lr=0.5, momentum=0.9)
+
+    def cb():
+        return KappaBudgetProjection(max_lipschitz=0.8, audit_every_n_steps=3)
+
+    full = fresh()
+    Trainer(callbacks=[cb()], **trainer_kwargs(tmp_path / "a", max_epochs=4)).fit(full, loader(data))
+
+    half = fresh()
+    first = cb()
+    t1 = Trainer(callbacks=[first], **trainer_kwargs(tmp_path / "b", max_epochs=2))
+    t1.fit(half, loader(data))
+    ckpt = tmp_path / "half.ckpt"
+    t1.save_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)["callbacks"][first.state_key]
+    assert state["n_projections"] == 8
+
+    resumed = fresh()
+    second = cb()
+    Trainer(callbacks=[second], **trainer_kwargs(tmp_path / "b", max_epochs=4)).fit(resumed, loader(data), ckpt_path=ckpt)
+    assert second.n_projections == 16
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_state_key_distinguishes_configurations():
+    a = KappaBudgetProjection(max_lipschitz=1.0)
+    assert a.state_key != KappaBudgetProjection(max_lipschitz=2.0).state_key
+    assert a.state_key != KappaBudgetProjection(max_lipschitz=1.0, layers=["x"]).state_key
+    assert a.state_key == KappaBudgetProjection(max_lipschitz=1.0).state_key
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(max_lipschitz=0.0), "max_lipschitz"),
+        (dict(max_lipschitz=-1.0), "max_lipschitz"),
+        (dict(max_lipschitz=float("nan")), "max_lipschitz"),
+        (dict(max_lipschitz=1.0, policy="greedy"), "policy"),
+        (dict(max_lipschitz=1.0, policy="fixed"), "kappas"),
+        (dict(max_lipschitz=1.0, kappas={"a": 1.0}), "kappas"),
+        (dict(max_lipschitz=1.0, policy="fixed", kappas={"a": -1.0}), "kappas"),
+        (dict(max_lipschitz=1.0, policy="fixed", kappas={"a": 2.0, "b": 2.0}), "kappas"),
+        (dict(max_lipschitz=1.0, layers=[]), "layers"),
+        (dict(max_lipschitz=1.0, n_power_iterations=0), "n_power_iterations"),
+        (dict(max_lipschitz=1.0, audit_every_n_steps=-1), "audit_every_n_steps"),
+        (dict(max_lipschitz=1.0, audit_tol=0.0), "audit_tol"),
+        (dict(max_lipschitz=1.0, audit_max_iterations=0), "audit_max_iterations"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        KappaBudgetProjection(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(layers=["net.9"]), "layers.*net.9"),
+        (dict(layers=["net.1"]), "unsupported.*net.1"),
+        (dict(policy="fixed", kappas={"net.0": 1.0, "net.2": 1.0, "head": 1.0}), "kappas.*head"),
+        (dict(policy="fixed", kappas={"net.0": 1.0}), "kappas.*no budget"),
+    ],
+)
+def test_setup_rejects_absent_layers(tmp_path, kwargs, match):
+    proj = KappaBudgetProjection(max_lipschitz=1.0, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(Classifier(mlp()), loader(random_data(16)))
+
+
+def test_fixed_policy_and_layer_subset(tmp_path):
+    proj = KappaBudgetProjection(max_lipschitz=1.0, policy="fixed", kappas={"net.0": 0.5, "net.4": 2.0},
+                                 layers=["net.0", "net.4"])
+    model = Classifier(mlp(), lr=0.5)
+    with pytest.warns(UserWarning, match=r"does not project 1 layer.*net.2 \(Linear\)"):
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+    assert dense_operator_norm(model.net[0]) <= 0.5 * (1 + 1e-3)
+    assert dense_operator_norm(model.net[4]) <= 2.0 * (1 + 1e-3)
+    assert set(proj.sigmas) == {"net.0", "net.4"}
+
+
+class Uncertifiable(Classifier):
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Flatten(), nn.Linear(16, 4)))
+        self.tied_a = nn.Linear(4, 4)
+        self.tied_b = nn.Linear(4, 4)
+        self.tied_b.weight = self.tied_a.weight
+
+    def training_step(self, batch, batch_idx):
+        logits = self.tied_b(self.tied_a(self.net(batch[0])))
+        return torch.nn.functional.cross_entropy(logits, batch[1])
+
+
+def test_uncertified_layers_warned_once_and_tied_weights_projected_once(tmp_path):
+    data = torch.utils.data.TensorDataset(torch.randint(0, 10, (32, 2)), torch.randint(0, 4, (32,)))
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, max_epochs=2)).fit(Uncertifiable(), loader(data))
+    mine = [w for w in caught if "does not project" in str(w.message)]
+    assert len(mine) == 1
+    assert "net.0 (Embedding)" in str(mine[0].message) and "net.1 (LayerNorm)" in str(mine[0].message)
+    assert set(proj.sigmas) == {"net.3", "tied_a"}
+
+
+def test_model_without_covered_layers_warns_and_trains(tmp_path):
+    class NoLinear(Classifier):
+        def __init__(self):
+            super().__init__(nn.Sequential(nn.Embedding(10, 4), nn.Flatten()))
+
+    data = torch.utils.data.TensorDataset(torch.randint(0, 10, (16, 1)), torch.randint(0, 4, (16,)))
+    proj = KappaBudgetProjection(max_lipschitz=1.0)
+    with pytest.warns(UserWarning, match="found no Linear"):
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(NoLinear(), loader(data))
+    assert proj.n_projections == 0
+
+
+def test_nonfinite_layer_is_skipped_and_nothing_nan_is_written(tmp_path):
+    class TwoHeads(Classifier):
+        def __init__(self):
+            super().__init__(mlp())
+            self.unused = nn.Linear(4, 4)
+            with torch.no_grad():
+                self.unused.weight[0, 0] = float("nan")
+
+    model = TwoHeads()
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    logger = CSVLogger(tmp_path)
+    with pytest.warns(UserWarning, match="'unused' has non-finite weights"):
+        trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1))
+        trainer.fit(model, loader(random_data(64)))
+    assert set(proj.sigmas) == {"net.0", "net.2", "net.4"}
+    assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if not n.startswith("unused"))
+    assert torch.isnan(model.unused.weight).sum() == 1  # untouched: still exactly the one NaN the user put there
+    assert math.isfinite(proj.bound) and proj.bound <= 0.5 * (1 + 1e-2)
+    assert trainer.logged_metrics["lip/kappa/n_skipped"].item() == 4
+
+
+def test_frozen_layer_is_measured_not_projected(tmp_path):
+    model = Classifier(mlp(), lr=0.5)
+    model.net[0].requires_grad_(False)
+    before = model.net[0].weight.clone()
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    with pytest.warns(UserWarning, match="'net.0' is frozen"):
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+    assert torch.equal(model.net[0].weight, before)
+    assert proj.sigmas["net.0"] == pytest.approx(dense_operator_norm(model.net[0]), rel=1e-3)
+
+
+def test_custom_allocation_by_subclassing(tmp_path):
+    class FirstLayerTight(KappaBudgetProjection):
+        def allocate(self, sigmas):
+            kappas = dict(sigmas)
+            kappas["net.0"] = 0.25
+            return kappas
+
+    model = Classifier(mlp())
+    Trainer(callbacks=[FirstLayerTight(max_lipschitz=100.0)], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(32)))
+    assert dense_operator_norm(model.net[0]) <= 0.25 * (1 + 1e-3)
+
+
+def test_invalid_custom_allocation_raises_clearly(tmp_path):
+    class Broken(KappaBudgetProjection):
+        def allocate(self, sigmas):
+            return {name: float("nan") for name in sigmas}
+
+    with pytest.raises(ValueError, match="allocate must return a finite kappa"):
+        Trainer(callbacks=[Broken(max_lipschitz=1.0)], **trainer_kwargs(tmp_path)).fit(Classifier(mlp()), loader(random_data(16)))
+
+
+@pytest.mark.slow
+def test_ddp_ranks_hold_identical_weights_after_every_projection(tmp_path):
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_kappa.py", tmp_path)
+    assert rank0["n_projections"] == rank1["n_projections"] == 8  # 64 samples / 2 ranks / batch 8, 2 epochs
+    assert len(rank0["weights"]) == len(rank1["weights"]) == 8
+    for w0, w1 in zip(rank0["weights"], rank1["weights"]):
+        for key in w0:
+            assert torch.equal(w0[key], w1[key]), key
+    assert rank0["bound"] == rank1["bound"] <= 0.5 * (1 + 1e-2)

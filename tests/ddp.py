@@ -1,0 +1,31 @@
+"""Runs a script of ``tests/scripts`` under Lightning's ``strategy="ddp"`` with 2 CPU processes (gloo).
+
+``strategy="ddp"`` re-launches ``sys.argv`` for rank 1, which inside pytest would re-run pytest; a script in a
+subprocess launches cleanly. Scripts write ``rank{r}.pt`` files into the output folder they are given.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def run_ddp(script: str, out: Path, *args: str, timeout: float = 300) -> list[dict]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPTS / script), str(out), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=out,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]

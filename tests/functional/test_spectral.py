@@ -1,0 +1,159 @@
+import copy
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lightning_lip.functional.spectral import (
+    lanczos_svd,
+    layer_operator,
+    operator_norm,
+    power_iteration,
+    projection_scale,
+    proportional_budget,
+    random_start,
+    uniform_budget,
+)
+from tests.reference import dense_operator, dense_operator_norm
+
+# (layer factory, one-sample input shape): strides, paddings ('same', 'valid', ints), padding modes, dilations,
+# groups, for every supported layer type.
+CASES = [
+    (lambda: nn.Linear(24, 17), (24,)),
+    (lambda: nn.Linear(5, 40, bias=False), (5,)),
+    (lambda: nn.Conv1d(2, 3, 4, padding="same", padding_mode="replicate"), (2, 11)),
+    (lambda: nn.Conv1d(4, 6, 3, stride=2, dilation=2, groups=2, padding=3, padding_mode="circular"), (4, 13)),
+    (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 9, 9)),
+    (lambda: nn.Conv2d(4, 4, 3, padding=2, dilation=2, groups=2, padding_mode="reflect"), (4, 8, 8)),
+    (lambda: nn.Conv2d(2, 3, (3, 2), padding="same", padding_mode="circular"), (2, 7, 6)),
+    (lambda: nn.Conv2d(3, 6, 2, stride=(2, 1), padding="valid", groups=3), (3, 6, 5)),
+    (lambda: nn.Conv2d(2, 2, 3, padding=1, padding_mode="replicate", bias=False), (2, 6, 6)),
+    (lambda: nn.Conv3d(2, 2, 3, stride=(1, 2, 1), padding=1), (2, 5, 6, 4)),
+    (lambda: nn.Conv3d(2, 4, 2, dilation=2, groups=2, padding=1, padding_mode="reflect"), (2, 4, 4, 4)),
+    (lambda: nn.ConvTranspose1d(4, 2, 3, stride=3, padding=1, groups=2, dilation=2), (4, 6)),
+    (lambda: nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1), (3, 5, 5)),
+    (lambda: nn.ConvTranspose2d(4, 4, (2, 3), stride=(1, 2), groups=4, dilation=(2, 1)), (4, 4, 5)),
+    (lambda: nn.ConvTranspose3d(2, 2, 2, stride=2), (2, 3, 3, 3)),
+]
+IDS = [f"case{i}" for i in range(len(CASES))]
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=IDS)
+def test_operator_is_the_layer_minus_bias(make, shape):
+    layer = make().double()
+    x = torch.randn(shape, dtype=torch.float64)
+    expected = layer(x.unsqueeze(0))[0] - layer(torch.zeros_like(x).unsqueeze(0))[0]
+    torch.testing.assert_close(layer_operator(layer, shape)(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=IDS)
+def test_operator_norm_matches_dense(make, shape, dtype):
+    layer = make().to(dtype)
+    ref = dense_operator_norm(layer, shape)
+    sigma = operator_norm(layer, shape, tol=1e-7).item()
+    # Lanczos stops with a Ritz residual <= 1e-7 * sigma^2, bounding the error of sigma by ~5e-8; float32
+    # arithmetic adds ~1e-6 relative. The issue asks for 1e-3; these bounds are far tighter.
+    assert sigma == pytest.approx(ref, rel=1e-10 if dtype == torch.float64 else 2e-6)
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES, ids=IDS)
+def test_singular_vectors_satisfy_definition(make, shape):
+    layer = make().double()
+    t = lanczos_svd(layer_operator(layer, shape), random_start(shape, layer.weight), max_iter=200, tol=1e-12)
+    A = dense_operator(layer, shape)
+    torch.testing.assert_close(A @ t.v.flatten(), t.sigma * t.u.flatten(), rtol=0, atol=1e-8)
+    torch.testing.assert_close(A.T @ t.u.flatten(), t.sigma * t.v.flatten(), rtol=0, atol=1e-5 * t.sigma.item())
+
+
+def test_kernel_norm_underestimates_conv_operator():
+    # The reshaped-kernel norm (what torch's spectral_norm constrains) is only a lower bound of the true norm.
+    layer = nn.Conv2d(3, 8, 3, padding=1)
+    kernel = torch.linalg.matrix_norm(layer.weight.detach().reshape(8, -1), ord=2).item()
+    assert operator_norm(layer, (3, 12, 12)).item() > 1.5 * kernel
+
+
+@pytest.mark.parametrize(("make", "shape"), CASES[:1] + CASES[4:6] + CASES[12:13], ids=["lin", "c2", "c2g", "ct2"])
+@pytest.mark.parametrize("move", [1e-3, 1e-2])
+def test_one_warm_iteration_tracks_a_small_step(make, shape, move):
+    """The per-step tolerance: one iteration warm-started from the previous vector after a step that moves W by
+    ``move`` (relative, Frobenius) is within 1e-6 (move 1e-3) / 1e-4 (move 1e-2) of the dense norm."""
+    layer = make().double()
+    v = lanczos_svd(layer_operator(layer, shape), random_start(shape, layer.weight), tol=1e-10).v
+    for _ in range(10):
+        moved = copy.deepcopy(layer)
+        with torch.no_grad():
+            noise = torch.randn_like(layer.weight)
+            moved.weight.add_(move * layer.weight.norm() * noise / noise.norm())
+        sigma = power_iteration(layer_operator(moved, shape), v, n_iter=1).sigma.item()
+        ref = dense_operator_norm(moved, shape)
+        assert sigma <= ref * (1 + 1e-12)  # always a lower bound
+        assert sigma == pytest.approx(ref, rel=1e-6 if move == 1e-3 else 1e-4)
+
+
+def test_power_iteration_is_monotone_lower_bound():
+    A = torch.randn(30, 20, dtype=torch.float64)
+    ref = torch.linalg.matrix_norm(A, 2).item()
+    v = torch.randn(20, dtype=torch.float64)
+    sigmas = []
+    for _ in range(30):
+        t = power_iteration(lambda x: A @ x, v, n_iter=1)
+        v = t.v
+        sigmas.append(t.sigma.item())
+    assert all(s <= ref * (1 + 1e-14) for s in sigmas)
+    assert all(b >= a * (1 - 1e-14) for a, b in zip(sigmas, sigmas[1:]))
+
+
+def test_power_iteration_on_nonfinite_operator_gives_nan():
+    A = torch.full((3, 3), float("nan"))
+    assert math.isnan(power_iteration(lambda x: A @ x, torch.ones(3)).sigma.item())
+
+
+def test_power_iteration_rejects_zero_iterations():
+    with pytest.raises(ValueError, match="n_iter"):
+        power_iteration(lambda x: x, torch.ones(3), n_iter=0)
+
+
+def test_layer_operator_validates():
+    with pytest.raises(ValueError, match="input_shape"):
+        layer_operator(nn.Conv2d(1, 1, 3))
+    with pytest.raises(ValueError, match="LayerNorm"):
+        layer_operator(nn.LayerNorm(3))
+
+
+def test_transposed_conv_with_output_size_uses_recorded_output_shape():
+    layer = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1).double()
+    x = torch.zeros(1, 2, 4, 4, dtype=torch.float64)
+    out = layer(x, output_size=[8, 8])  # one extra row/column of output padding
+    assert out.shape[-2:] == (8, 8)
+    op = layer_operator(layer, (2, 4, 4), tuple(out.shape[1:]))
+
+    def f(z):
+        return layer(z.unsqueeze(0), output_size=[8, 8])[0] - layer(torch.zeros_like(z).unsqueeze(0), output_size=[8, 8])[0]
+
+    J = torch.func.jacrev(f)(torch.zeros(2, 4, 4, dtype=torch.float64)).reshape(-1, 32)
+    ref = torch.linalg.matrix_norm(J, 2).item()
+    t = lanczos_svd(op, random_start((2, 4, 4), layer.weight), tol=1e-12)
+    assert t.sigma.item() == pytest.approx(ref, rel=1e-9)
+
+
+def test_projection_scale():
+    assert projection_scale(2.0, 3.0) == 1.0
+    assert projection_scale(4.0, 2.0) == 0.5
+
+
+def test_uniform_budget():
+    kappas = uniform_budget(["a", "b", "c"], 8.0)
+    assert kappas == pytest.approx({"a": 2.0, "b": 2.0, "c": 2.0})
+    assert uniform_budget([], 8.0) == {}
+
+
+def test_proportional_budget_under_and_over():
+    under = {"a": 1.5, "b": 2.0}
+    assert proportional_budget(under, 10.0) == under  # under budget: untouched
+    over = {"a": 4.0, "b": 9.0, "c": 0.5}  # product 18
+    kappas = proportional_budget(over, 2.0)
+    assert math.prod(kappas.values()) == pytest.approx(2.0, rel=1e-12)
+    ratios = [kappas[k] / over[k] for k in over]
+    assert max(ratios) == pytest.approx(min(ratios), rel=1e-12)  # same shrink of every log sigma

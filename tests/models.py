@@ -1,0 +1,79 @@
+"""Tiny models and data shared by the tests, the DDP scripts and the examples of the test suite."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def mlp(sizes: tuple[int, ...] = (16, 32, 32, 4)) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def cnn(channels: int = 1, classes: int = 4) -> nn.Sequential:
+    """For 8x8 inputs."""
+    return nn.Sequential(
+        nn.Conv2d(channels, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(6 * 4 * 4, classes),
+    )
+
+
+class Classifier(LightningModule):
+    """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional)."""
+
+    def __init__(self, net: nn.Module, lr: float = 0.1, momentum: float = 0.0) -> None:
+        super().__init__()
+        self.net = net
+        self.lr = lr
+        self.momentum = momentum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+def random_data(n: int = 64, shape: tuple[int, ...] = (16,), classes: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, *shape, generator=g)
+    y = torch.randint(0, classes, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def loader(dataset: TensorDataset, batch_size: int = 16) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False)
+
+
+def trainer_kwargs(tmp_path, **overrides) -> dict:
+    kwargs = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        deterministic=True,
+    )
+    kwargs.update(overrides)
+    return kwargs
