@@ -18,12 +18,12 @@ def mlp(sizes: tuple[int, ...] = (16, 32, 32, 4)) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-def cnn(channels: int = 1, classes: int = 4) -> nn.Sequential:
+def cnn(channels: int = 1, classes: int = 4, padding_mode: str = "circular") -> nn.Sequential:
     """For 8x8 inputs."""
     return nn.Sequential(
         nn.Conv2d(channels, 4, 3, padding=1),
         nn.ReLU(),
-        nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode="circular"),
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, padding_mode=padding_mode),
         nn.ReLU(),
         nn.Flatten(),
         nn.Linear(6 * 4 * 4, classes),

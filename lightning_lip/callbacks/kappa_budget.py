@@ -38,9 +38,6 @@ from lightning_lip.registry import LipRegistry
 
 log = logging.getLogger(__name__)
 
-# Weight of fresh noise in the start vector: per step (costs ~1e-6 relative of sigma) and at audits.
-_STEP_MIX = 1e-3
-_AUDIT_MIX = 1.0
 _NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -101,7 +98,7 @@ class KappaBudgetProjection(Callback):
         kappas: dict[str, float] | None = None,
         layers: list[str] | None = None,
         n_power_iterations: int = 1,
-        tol: float = 1e-5,
+        tol: float = 1e-4,
         audit_every_n_steps: int = 100,
         audit_tol: float = 1e-6,
         audit_max_iterations: int = 100,
@@ -247,7 +244,7 @@ class KappaBudgetProjection(Callback):
         estimates = torch.stack([torch.stack([t.sigma, t.sigma_prev]).double() for t in triplets.values()]).cpu()
         for name, (sigma, sigma_prev) in zip(list(triplets), estimates.tolist()):
             if math.isfinite(sigma) and sigma - sigma_prev > self.tol * sigma:  # not converged: refine warm
-                triplets[name] = self._measure(name, operators[name], audit=True, v=triplets[name].v)
+                triplets[name] = self._measure(name, operators[name], audit, refine=triplets[name].v)
         # Rank 0 decides: the scales are identical everywhere even where kernels are not bitwise deterministic.
         measured = torch.stack([t.sigma.double() for t in triplets.values()]).cpu()
         measured = trainer.strategy.broadcast(measured, src=0).tolist()
@@ -284,22 +281,23 @@ class KappaBudgetProjection(Callback):
         self._warn(f"unused/{name}", f"Layer {name!r} has not run a forward pass yet: it is not projected.")
         return None
 
-    def _measure(self, name: str, operator: Operator, audit: bool, v: Tensor | None = None) -> SingularTriplet:
-        """Power iteration from the warm vector; Lanczos for audits, cold starts, and refinements from ``v``.
+    def _measure(self, name: str, operator: Operator, audit: bool, refine: Tensor | None = None) -> SingularTriplet:
+        """Power iteration from the warm vector; Lanczos for audits and cold starts (``audit_tol``) and for
+        refinements from the vector ``refine`` (``tol``).
 
-        Fresh noise is mixed into every start so that no warm vector stays locked in an invariant subspace (a
-        circular convolution's Fourier blocks) while another subspace takes over the top singular value.
+        Every Lanczos start mixes the warm vector with as much fresh noise, so that no warm vector stays locked in
+        an invariant subspace (a circular convolution's Fourier blocks) while another one takes the top.
         """
         weight = self._layers[name].weight
         shape = self._shapes[name][0] if name in self._shapes else (weight.shape[1],)
-        v = self._vectors.get(name) if v is None else v
-        cold = v is None or tuple(v.shape) != tuple(shape) or not bool(torch.isfinite(v).all())
-        noise = random_start(shape, weight, self._generator)
-        v = noise if cold else v.to(weight.device) / v.norm() + (_AUDIT_MIX if audit else _STEP_MIX) * noise
+        v = self._vectors.get(name) if refine is None else refine
+        cold = v is None or tuple(v.shape) != tuple(shape)
         with torch.autocast(weight.device.type, enabled=False):
-            if cold or audit:
-                return lanczos_svd(operator, v, self.audit_max_iterations, self.audit_tol)
-            return power_iteration(operator, v, self.n_power_iterations)
+            if not (cold or audit or refine is not None):
+                return power_iteration(operator, v.to(weight.device), self.n_power_iterations)
+            noise = random_start(shape, weight, self._generator)
+            start = noise if cold else v.to(weight.device) + noise
+            return lanczos_svd(operator, start, self.audit_max_iterations, self.tol if refine is not None else self.audit_tol)
 
     def _checked_allocation(self, sigmas: dict[str, float]) -> dict[str, float]:
         kappas = self.allocate(sigmas)

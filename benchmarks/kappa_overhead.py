@@ -1,0 +1,135 @@
+"""Overhead of KappaBudgetProjection as a fraction of training-step time, and what spectral_norm leaves.
+
+    python benchmarks/kappa_overhead.py [--steps 40] [--repeats 5]
+
+1. MLP 784-1024-1024-10 and a small CNN (3x32x32 input), batch 128, SGD: median step time with and without the
+   callback, runs interleaved so that machine noise hits both alike; the ratio is the overhead (target <= 5%).
+2. Convolutions trained under ``torch.nn.utils.parametrizations.spectral_norm`` (which normalizes the reshaped
+   kernel) vs under KappaBudgetProjection with kappa = 1: the true operator norm each leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import StepTimer, median_step  # noqa: E402
+
+from lightning_lip import KappaBudgetProjection  # noqa: E402
+from lightning_lip.functional import operator_norm  # noqa: E402
+
+
+def mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+    )
+
+
+class Model(LightningModule):
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self.net(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+def step_time(make, shape, steps: int, callbacks) -> float:
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(128 * steps, *shape), torch.randint(0, 10, (128 * steps,)))
+    timer = StepTimer()
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, accelerator="cpu", callbacks=[*callbacks, timer])
+    trainer.fit(Model(make()), DataLoader(data, batch_size=128))
+    return median_step(timer.times)
+
+
+def overhead(args) -> None:
+    print(f"## Overhead (batch 128, {args.steps} steps, {args.repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} threads)\n")
+    print("| model | step without (ms) | step with (ms) | overhead (median of ratios) |")
+    print("|---|---|---|---|")
+    for name, make, shape in [("MLP 784-1024-1024-10", mlp, (784,)), ("CNN 3x32x32", cnn, (3, 32, 32))]:
+        ratios, base, with_cb = [], [], []
+        for _ in range(args.repeats):
+            b = step_time(make, shape, args.steps, [])
+            # max_lipschitz=1 keeps every step projecting: the worst case (rescale + publish every step)
+            w = step_time(make, shape, args.steps, [KappaBudgetProjection(max_lipschitz=1.0, log_per_layer=False)])
+            base.append(b)
+            with_cb.append(w)
+            ratios.append(w / b - 1)
+        print(f"| {name} | {1e3 * statistics.median(base):.1f} | {1e3 * statistics.median(with_cb):.1f} | "
+              f"{100 * statistics.median(ratios):+.1f}% |")
+
+
+class ConvOnly(LightningModule):
+    """Trains one conv layer to amplify its input (maximize output energy), the worst case for a norm cap."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def training_step(self, batch, batch_idx):
+        return -self.conv(batch[0]).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+def spectral_norm_comparison() -> None:
+    print("\n## True conv operator norm after training with a norm cap of 1\n")
+    print("| conv (input) | kernel norm, spectral_norm | true norm, spectral_norm | true norm, KappaBudgetProjection |")
+    print("|---|---|---|---|")
+    configs = [
+        ("3x3, 16->16, pad 1 (16x16)", lambda: nn.Conv2d(16, 16, 3, padding=1), (16, 16, 16)),
+        ("5x5, 8->8, pad 2 (16x16)", lambda: nn.Conv2d(8, 8, 5, padding=2), (8, 16, 16)),
+        ("3x3, 16->32, stride 2 (16x16)", lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1), (16, 16, 16)),
+        ("3x3 circular, 16->16 (16x16)", lambda: nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"), (16, 16, 16)),
+    ]
+    for label, make, shape in configs:
+        data = DataLoader(TensorDataset(torch.randn(256, *shape)), batch_size=32)
+        torch.manual_seed(0)
+        sn = nn.utils.parametrizations.spectral_norm(make(), n_power_iterations=5)
+        _fit(ConvOnly(sn), data, [])
+        sn.eval()
+        kernel = torch.linalg.matrix_norm(sn.weight.detach().reshape(sn.weight.shape[0], -1), 2).item()
+        plain = make()
+        with torch.no_grad():
+            plain.weight.copy_(sn.weight)
+        true_sn = operator_norm(plain, shape).item()
+        torch.manual_seed(0)
+        ours = make()
+        _fit(ConvOnly(ours), data, [KappaBudgetProjection(max_lipschitz=1.0)])
+        true_ours = operator_norm(ours, shape).item()
+        print(f"| {label} | {kernel:.3f} | {true_sn:.3f} | {true_ours:.4f} |")
+
+
+def _fit(model, data, callbacks) -> None:
+    Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, accelerator="cpu", callbacks=callbacks).fit(model, data)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    overhead(args)
+    spectral_norm_comparison()
