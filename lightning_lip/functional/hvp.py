@@ -1,0 +1,95 @@
+r"""Hessian-vector products of a loss with respect to a module's parameters, on flat vectors.
+
+Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) through ``torch.func.functional_call``: the
+module's own parameters are never touched, no ``.backward()`` runs, and buffers (BatchNorm running statistics)
+are passed as copies so that a product leaves them unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+
+
+def flatten(tensors: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one 1-D vector."""
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a 1-D ``vector`` into tensors shaped like ``like`` (inverse of :func:`flatten`)."""
+    out, offset = [], 0
+    for t in like:
+        out.append(vector[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return out
+
+
+def trainable_parameters(module: nn.Module) -> dict[str, Tensor]:
+    """``{name: parameter}`` of the parameters that require grad, detached."""
+    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
+
+
+def hvp_operator(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batches: Sequence[Any],
+    batch_sizes: Sequence[int] | None = None,
+    params: dict[str, Tensor] | None = None,
+) -> Callable[[Tensor], Tensor]:
+    r"""The map :math:`v \mapsto H v` with :math:`H = \nabla^2_\theta \bar L`, flat vectors in and out.
+
+    :math:`\bar L = \sum_b n_b L_b / \sum_b n_b` is the mean loss over ``batches`` weighted by batch size.
+
+    Args:
+        module: the model; called through ``functional_call`` with ``params`` (and copies of its buffers).
+        loss_fn: ``loss_fn(module, batch) -> scalar`` mean loss of one batch; it calls ``module`` (possibly through
+            a method such as ``training_step``), whose parameters are swapped for the ones being differentiated.
+        batches: the batches the Hessian is taken over.
+        batch_sizes: weights of the batches; default all equal.
+        params: ``{name: tensor}`` to differentiate, default :func:`trainable_parameters`; others stay fixed.
+
+    Returns:
+        ``hvp(v)`` for ``v`` of shape ``[P]``, ``P`` the total number of elements of ``params``; float64 vectors
+        are accepted when the parameters are float64.
+    """
+    params = trainable_parameters(module) if params is None else params
+    names, values = list(params), list(params.values())
+    sizes = [1.0] * len(batches) if batch_sizes is None else [float(n) for n in batch_sizes]
+    total = sum(sizes)
+    call = _LossCall(module, loss_fn)
+    buffers = {f"module.{name}": b.detach() for name, b in module.named_buffers()}
+
+    def loss(flat_params: tuple[Tensor, ...], batch: Any) -> Tensor:
+        # copies of the buffers: a train-mode BatchNorm updates its running statistics in place
+        state = {f"module.{n}": p for n, p in zip(names, flat_params)} | {k: b.clone() for k, b in buffers.items()}
+        return torch.func.functional_call(call, state, (batch,))
+
+    grad = torch.func.grad(loss)
+
+    def hvp(v: Tensor) -> Tensor:
+        tangents = tuple(unflatten(v.to(values[0].dtype), values))
+        out = torch.zeros_like(v, dtype=values[0].dtype)
+        for batch, n in zip(batches, sizes):
+            _, hv = torch.func.jvp(lambda *p: grad(p, batch), tuple(values), tangents)
+            out += (n / total) * flatten(hv)
+        return out.to(v.dtype)
+
+    return hvp
+
+
+class _LossCall(nn.Module):
+    """``forward(batch) = loss_fn(module, batch)``, so that ``functional_call`` can swap ``module``'s tensors."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.module = module
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.module, batch)
