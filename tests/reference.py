@@ -41,3 +41,21 @@ def _float64_copy(module: nn.Module) -> nn.Module:
     import copy
 
     return copy.deepcopy(module).double().eval()
+
+
+def dense_hessian(module: nn.Module, loss_of_output, inputs: Tensor, targets: Tensor) -> Tensor:
+    """Exact Hessian ``[P, P]`` of ``loss_of_output(module(inputs), targets)`` w.r.t. the trainable parameters, by
+    ``torch.autograd.functional.hessian`` on a flat parameter vector (parameter order of ``named_parameters``)."""
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in module.named_parameters() if p.requires_grad]
+    flat = torch.cat([p.detach().reshape(-1) for n, p in module.named_parameters() if p.requires_grad])
+
+    def f(theta: Tensor) -> Tensor:
+        params, offset = {}, 0
+        for name, shape in zip(names, shapes):
+            n = int(torch.tensor(shape).prod()) if len(shape) else 1
+            params[name] = theta[offset : offset + n].view(shape)
+            offset += n
+        return loss_of_output(torch.func.functional_call(module, params, (inputs,)), targets)
+
+    return torch.autograd.functional.hessian(f, flat)

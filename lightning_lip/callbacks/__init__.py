@@ -1,5 +1,6 @@
 """Thin Lightning callbacks: schedule, call the functional math, publish, log."""
 
+from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
 from lightning_lip.callbacks.kappa_budget import KappaBudgetProjection
 
-__all__ = ["KappaBudgetProjection"]
+__all__ = ["HessianEigenMonitor", "KappaBudgetProjection"]

@@ -100,7 +100,7 @@ class KappaBudgetProjection(Callback):
         n_power_iterations: int = 1,
         tol: float = 1e-4,
         audit_every_n_steps: int = 100,
-        audit_tol: float = 1e-6,
+        audit_tol: float = 1e-5,
         audit_max_iterations: int = 100,
         log_per_layer: bool = True,
     ) -> None:

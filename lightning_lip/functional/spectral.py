@@ -214,7 +214,7 @@ def operator_norm(
     input_shape: Sequence[int] | None = None,
     output_shape: Sequence[int] | None = None,
     max_iter: int = 200,
-    tol: float = 1e-7,
+    tol: float = 1e-6,
     generator: torch.Generator | None = None,
 ) -> Tensor:
     """Spectral norm of the layer's true operator (see :func:`layer_operator`), from a random start.

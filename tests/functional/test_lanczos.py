@@ -49,3 +49,38 @@ def test_bad_arguments(kwargs, match):
         lanczos(lambda x: x, torch.ones(4), **kwargs)
     with pytest.raises(ValueError, match="1-D"):
         lanczos(lambda x: x, torch.ones(2, 2))
+
+
+def spectrum_matrix(eigenvalues, seed):
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ Q.T, Q
+
+
+@pytest.mark.parametrize("tol", [1e-3, 1e-4, 1e-6])
+def test_converged_is_never_reported_above_tolerance_near_degenerate(tol):
+    # lambda2 / lambda1 = 0.99 and a bulk below, many seeds and start vectors
+    for seed in range(30):
+        A, _ = spectrum_matrix([1.0, 0.99] + torch.linspace(-0.3, 0.9, 98).tolist(), seed)
+        v0 = torch.randn(100, dtype=torch.float64, generator=torch.Generator().manual_seed(1000 + seed))
+        res = lanczos(lambda x: A @ x, v0, max_iter=100, tol=tol)
+        if res.converged:
+            assert abs(res.eigenvalues[0].item() - 1.0) <= tol
+
+
+def test_start_nearly_orthogonal_to_top_does_not_stop_on_lambda2():
+    A, Q = spectrum_matrix([1.0, 0.9] + torch.linspace(-0.5, 0.8, 48).tolist(), 0)
+    v0 = Q[:, 1] + 1e-3 * Q[:, 0] + 1e-3 * Q[:, 2:].sum(1)
+    res = lanczos(lambda x: A @ x, v0, max_iter=50, tol=1e-4)
+    assert res.converged and res.eigenvalues[0].item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_warm_start_follows_a_changed_top_direction():
+    # The old top eigenvector is orthogonal to the new one; mixed with 10% noise (the monitor's warm start) the
+    # solver still finds the new lambda_max.
+    A_old, Q = spectrum_matrix([2.0, 1.0] + [0.1] * 30, 1)
+    A_new = A_old + 3.0 * torch.outer(Q[:, 5], Q[:, 5])  # new top: 3.1 along Q[:, 5]
+    noise = torch.randn(32, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    v0 = Q[:, 0] + 0.1 * noise / noise.norm()
+    res = lanczos(lambda x: A_new @ x, v0, max_iter=32, tol=1e-8)
+    assert res.eigenvalues[0].item() == pytest.approx(3.1, rel=1e-8)

@@ -1,0 +1,307 @@
+r"""
+Hessian eigenvalue monitor
+^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+Measures the top (and bottom) eigenvalue of the training-loss Hessian by Lanczos on Hessian-vector products:
+:math:`L_G`, the curvature that decides whether the update map is stable.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_lip.callbacks._common import WarnOnce, check_choice, check_int, check_positive, tensorboard_writer
+from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
+from lightning_lip.functional.lanczos import lanczos
+from lightning_lip.functional.stability import adam_preconditioner, is_preconditioned, stability_threshold
+from lightning_lip.registry import LipRegistry
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+class HessianEigenMonitor(Callback):
+    r"""Track :math:`\lambda_{max}` and :math:`\lambda_{min}` of the training-loss Hessian with Lanczos on HVPs.
+
+    Every ``every_n_steps`` optimizer steps (:meth:`should_run`), after the batch, the callback builds the
+    Hessian-vector product of the mean loss over a probe set (``data="fixed"``: the first ``num_samples``
+    training samples seen, kept for the whole run; ``"current"``: the current batch) with ``torch.func`` on the
+    unwrapped module, and runs Lanczos warm-started from the previous top eigenvector mixed with noise, cold every
+    ``cold_every_n_runs`` runs so that a warm start cannot lock onto a stale direction. For Adam/AdamW the
+    operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}` that governs Adam's stability.
+
+    The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
+    ``training_step(batch, 0)`` with logging muted. Dropout is off during the measurement; BatchNorm uses its
+    running statistics (``bn_mode="eval"``) or the probe batch's statistics (``"train"``). Training is left
+    bit-identical: ``model.training``, ``.grad``, buffers and the RNG state are restored, no ``.backward()`` runs.
+    Under DDP the products are averaged over ranks (weighted by probe size), so every rank gets the same result.
+
+    Logged: ``lip/hessian/lambda_max``, ``lambda_min``, ``residual``, ``n_hvp``, ``seconds``, ``eta_lambda_max``
+    (:math:`\eta\lambda_{max}`), ``threshold`` and ``stability_ratio`` (their quotient, unstable above 1). With a
+    ``TensorBoardLogger``, a custom-scalars chart of ``eta_lambda_max`` against ``threshold``. Registry:
+    ``hessian/lambda_max``, ``hessian/lambda_min``, ``hessian/eigenvector`` (flat), ``hessian/residual``,
+    ``hessian/preconditioned``.
+
+    Args:
+        every_n_steps: measure every this many optimizer steps, ``>= 1``.
+        k: number of top eigenvalues, ``>= 1``.
+        max_iter: cap on Lanczos steps (HVPs) per measurement.
+        tol: relative tolerance of the Lanczos stopping rule (residual and change), ``> 0``.
+        data: ``"fixed"`` probe set or ``"current"`` batch.
+        num_samples: size of the fixed probe set.
+        bn_mode: ``"eval"`` or ``"train"`` BatchNorm statistics during the measurement.
+        warm_mix: weight of fresh noise mixed into the warm start, ``>= 0``.
+        cold_every_n_runs: start cold every this many runs (``0``: only the first).
+
+    Raises:
+        ValueError: if an argument is out of range.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[HessianEigenMonitor(every_n_steps=50)])
+    """
+
+    DATA = ("fixed", "current")
+    BN_MODES = ("eval", "train")
+
+    def __init__(
+        self,
+        every_n_steps: int = 100,
+        k: int = 1,
+        max_iter: int = 30,
+        tol: float = 1e-3,
+        data: str = "fixed",
+        num_samples: int = 256,
+        bn_mode: str = "eval",
+        warm_mix: float = 0.1,
+        cold_every_n_runs: int = 10,
+    ) -> None:
+        check_int("every_n_steps", every_n_steps, 1)
+        check_int("k", k, 1)
+        check_int("max_iter", max_iter, max(k, 2))
+        check_positive("tol", tol)
+        check_choice("data", data, self.DATA)
+        check_int("num_samples", num_samples, 1)
+        check_choice("bn_mode", bn_mode, self.BN_MODES)
+        check_positive("warm_mix", warm_mix, allow_zero=True)
+        check_int("cold_every_n_runs", cold_every_n_runs, 0)
+        self.every_n_steps = every_n_steps
+        self.k = k
+        self.max_iter = max_iter
+        self.tol = tol
+        self.data = data
+        self.num_samples = num_samples
+        self.bn_mode = bn_mode
+        self.warm_mix = warm_mix
+        self.cold_every_n_runs = cold_every_n_runs
+
+        self.n_runs = 0
+        self.n_skipped = 0
+        self.last: dict[str, float] = {}
+        self._probe: list[Any] = []
+        self._probe_size = 0
+        self._eigenvector: Tensor | None = None
+        self._last_step = 0
+        self._generator = torch.Generator().manual_seed(0)
+        self._warn = WarnOnce()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, data=self.data, bn_mode=self.bn_mode)
+
+    def should_run(self, step: int) -> bool:
+        """Whether to measure after optimizer step ``step`` (1-based)."""
+        return step % self.every_n_steps == 0
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        writer = tensorboard_writer(trainer)
+        if writer is not None:
+            writer.add_custom_scalars(
+                {"lightning_lip": {"stability: eta*lambda_max vs threshold": [
+                    "Multiline", ["lip/hessian/eta_lambda_max", "lip/hessian/threshold"]]}}
+            )
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.data == "fixed" and self._probe_size < self.num_samples:
+            self._probe.append(_detached(batch))
+            self._probe_size += _batch_size(batch)
+        step = trainer.global_step
+        if step == self._last_step or not self.should_run(step):
+            return
+        self._last_step = step
+        probe = [batch] if self.data == "current" else self._probe
+        result = self.measure(trainer, pl_module, probe)
+        if result is not None:
+            pl_module.log_dict(result, on_step=True, on_epoch=False)
+
+    def measure(self, trainer: Trainer, pl_module: LightningModule, probe: list[Any]) -> dict[str, float] | None:
+        """Run Lanczos on the probe batches; publish and return the metrics, or ``None`` if skipped."""
+        start = time.perf_counter()
+        params = trainable_parameters(pl_module)
+        if not params:
+            self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
+            return None
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        preconditioned = optimizer is not None and is_preconditioned(optimizer)
+        scaling = None
+        if preconditioned:
+            named = dict(pl_module.named_parameters())
+            scaling = adam_preconditioner(optimizer, [named[n] for n in params])
+            if scaling is None:
+                return None  # before Adam's first step there is no preconditioner yet
+        sizes = [_batch_size(b) for b in probe]
+        with isolate_rng(), self._measurement_mode(pl_module):
+            hvp = hvp_operator(pl_module, self._loss_fn(pl_module), probe, sizes, params)
+            matvec = self._distributed(trainer, hvp, float(sum(sizes)), scaling)
+            v0 = self._start_vector(sum(p.numel() for p in params.values()), params)
+            result = lanczos(matvec, v0, k=self.k, max_iter=self.max_iter, tol=self.tol, generator=self._generator)
+        self.n_runs += 1
+        lam_max = result.eigenvalues[0].item()
+        if not math.isfinite(lam_max):
+            self.n_skipped += 1
+            self._warn("nonfinite", "HessianEigenMonitor: non-finite loss or HVP; the measurement is skipped.")
+            return {"lip/hessian/n_skipped": float(self.n_skipped)}
+        self._eigenvector = result.eigenvectors[0]
+        metrics = {
+            "lip/hessian/lambda_max": lam_max,
+            "lip/hessian/lambda_min": result.lambda_min.item(),
+            "lip/hessian/residual": result.residuals[0].item(),
+            "lip/hessian/n_hvp": float(result.n_matvec),
+            "lip/hessian/converged": float(result.converged),
+            "lip/hessian/n_skipped": float(self.n_skipped),
+            "lip/hessian/seconds": time.perf_counter() - start,
+        }
+        if self.k > 1:
+            metrics |= {f"lip/hessian/lambda_{i + 1}": lam.item() for i, lam in enumerate(result.eigenvalues)}
+        metrics |= self._stability(optimizer, lam_max)
+        self.last = metrics
+        step = trainer.global_step
+        registry = LipRegistry.of(trainer)
+        registry.publish("hessian/lambda_max", lam_max, step)
+        registry.publish("hessian/lambda_min", metrics["lip/hessian/lambda_min"], step)
+        registry.publish("hessian/eigenvector", self._eigenvector, step)
+        registry.publish("hessian/residual", metrics["lip/hessian/residual"], step)
+        registry.publish("hessian/preconditioned", preconditioned, step)
+        return metrics
+
+    def _stability(self, optimizer: torch.optim.Optimizer | None, lam_max: float) -> dict[str, float]:
+        if optimizer is None:
+            return {}
+        group = optimizer.param_groups[0]
+        threshold = stability_threshold(optimizer, group)
+        if threshold is None:
+            self._warn("optimizer", f"No stability threshold is known for {type(optimizer).__name__}.")
+            return {}
+        eta_lambda = float(group["lr"]) * lam_max
+        return {
+            "lip/hessian/eta_lambda_max": eta_lambda,
+            "lip/hessian/threshold": threshold,
+            "lip/hessian/stability_ratio": eta_lambda / threshold,
+        }
+
+    def _start_vector(self, n: int, params: dict[str, Tensor]) -> Tensor:
+        first = next(iter(params.values()))
+        noise = torch.randn(n, generator=self._generator, dtype=first.dtype).to(first.device)
+        cold = self._eigenvector is None or self._eigenvector.numel() != n
+        if cold or (self.cold_every_n_runs and self.n_runs % self.cold_every_n_runs == 0):
+            return noise
+        return self._eigenvector.to(first.device) + self.warm_mix * noise / noise.norm()
+
+    def _distributed(self, trainer: Trainer, hvp: Any, n_local: float, scaling: Tensor | None) -> Any:
+        """Average the product over ranks weighted by probe size, and precondition it for Adam."""
+        world = trainer.world_size
+        n_total = float(trainer.strategy.reduce(torch.tensor(n_local), reduce_op="sum")) if world > 1 else n_local
+
+        def matvec(v: Tensor) -> Tensor:
+            x = v if scaling is None else v * scaling
+            hv = hvp(x)
+            if world > 1:
+                hv = trainer.strategy.reduce(hv * n_local, reduce_op="sum") / n_total
+            return hv if scaling is None else hv * scaling
+
+        return matvec
+
+    def _loss_fn(self, pl_module: LightningModule) -> Any:
+        if callable(getattr(pl_module, "lip_loss", None)):
+            return lambda module, batch: module.lip_loss(batch)
+
+        def loss(module: LightningModule, batch: Any) -> Tensor:
+            out = module.training_step(batch, 0)
+            return out["loss"] if isinstance(out, dict) else out
+
+        return loss
+
+    @contextmanager
+    def _measurement_mode(self, pl_module: LightningModule) -> Iterator[None]:
+        """Dropout off, BatchNorm per ``bn_mode``, logging muted; everything restored afterwards."""
+        modes = {m: m.training for m in pl_module.modules()}
+        pl_module.eval()
+        if self.bn_mode == "train":
+            for m in pl_module.modules():
+                if isinstance(m, _BATCH_NORMS):
+                    m.train()
+        pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            del pl_module.log, pl_module.log_dict
+            for m, training in modes.items():
+                m.training = training
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n_runs": self.n_runs,
+            "n_skipped": self.n_skipped,
+            "last_step": self._last_step,
+            "eigenvector": self._eigenvector.cpu() if self._eigenvector is not None else None,
+            "probe": self._probe,
+            "probe_size": self._probe_size,
+            "generator": self._generator.get_state(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_runs = state_dict["n_runs"]
+        self.n_skipped = state_dict["n_skipped"]
+        self._last_step = state_dict["last_step"]
+        self._eigenvector = state_dict["eigenvector"]
+        self._probe = list(state_dict["probe"])
+        self._probe_size = state_dict["probe_size"]
+        self._generator.set_state(state_dict["generator"])
+
+
+def _detached(batch: Any) -> Any:
+    if isinstance(batch, Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_detached(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _detached(v) for k, v in batch.items()}
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)):
+        return _batch_size(batch[0])
+    if isinstance(batch, dict):
+        return _batch_size(next(iter(batch.values())))
+    raise ValueError(f"Cannot infer the batch size of a {type(batch).__name__}; batches must hold tensors.")

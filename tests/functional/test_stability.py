@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from lightning_lip.functional.stability import stability_threshold
+
+
+def run_quadratic(make_optimizer, lam, steps=3000):
+    """Minimize lam/2 * theta^2 with a real torch optimizer; return |theta_T| / |theta_0|."""
+    theta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
+    opt = make_optimizer([theta])
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * lam * theta**2).sum().backward()
+        opt.step()
+        if not torch.isfinite(theta).all() or theta.abs().item() > 1e12:
+            return float("inf")
+    return theta.abs().item()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(), dict(momentum=0.9), dict(momentum=0.5, dampening=0.3), dict(momentum=0.9, nesterov=True)],
+    ids=["sgd", "heavy-ball", "dampened", "nesterov"],
+)
+def test_sgd_thresholds_are_sharp(kwargs):
+    lr, probe = 0.1, torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1, **kwargs)
+    threshold = stability_threshold(probe, probe.param_groups[0])
+    below = run_quadratic(lambda p: torch.optim.SGD(p, lr=lr, **kwargs), 0.99 * threshold / lr)
+    above = run_quadratic(lambda p: torch.optim.SGD(p, lr=lr, **kwargs), 1.01 * threshold / lr)
+    assert below < 1e-3 and above > 1e3
+
+
+def test_adam_threshold_value_and_unknown_optimizer():
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=(0.9, 0.999))
+    assert stability_threshold(adam, adam.param_groups[0]) == pytest.approx(38.0)
+    rms = torch.optim.RMSprop([torch.nn.Parameter(torch.zeros(1))])
+    assert stability_threshold(rms, rms.param_groups[0]) is None
