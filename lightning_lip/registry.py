@@ -11,6 +11,11 @@ KEYS: dict[str, str] = {
     "kappa/kappa/<layer>": "budget kappa_l allocated to the layer (float)",
     "kappa/singular_vectors/<layer>": "(u, v): top left/right singular vectors of the layer operator",
     "kappa/bound": "product of the per-layer operator norms after projection (float)",
+    "hessian/lambda_max": "top eigenvalue of the loss Hessian (preconditioned for Adam/AdamW) (float)",
+    "hessian/lambda_min": "bottom eigenvalue of the same operator (float)",
+    "hessian/eigenvector": "flat top eigenvector over the trainable parameters (tensor [P])",
+    "hessian/residual": "Ritz residual bound of lambda_max (float)",
+    "hessian/preconditioned": "whether the hessian/* values are of Adam's preconditioned Hessian (bool)",
 }
 
 

@@ -170,7 +170,9 @@ class HessianEigenMonitor(Callback):
             hvp = hvp_operator(pl_module, self._loss_fn(pl_module), probe, sizes, params)
             matvec = self._distributed(trainer, hvp, float(sum(sizes)), scaling)
             v0 = self._start_vector(sum(p.numel() for p in params.values()), params)
-            result = lanczos(matvec, v0, k=self.k, max_iter=self.max_iter, tol=self.tol, generator=self._generator)
+            result = lanczos(
+                matvec, v0, k=self.k, max_iter=self.max_iter, tol=self.tol, require_min=True, generator=self._generator
+            )
         self.n_runs += 1
         lam_max = result.eigenvalues[0].item()
         if not math.isfinite(lam_max):

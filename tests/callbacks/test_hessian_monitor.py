@@ -1,0 +1,214 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from lightning_lip import HessianEigenMonitor, LipRegistry
+from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.reference import dense_hessian
+
+
+class Float64Classifier(Classifier):
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x.to(torch.float64)), y)
+        self.log("train_loss", loss)
+        return loss
+
+
+def fit(tmp_path, model, data, callbacks, **kw):
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
+    trainer.fit(model, loader(data))
+    return trainer
+
+
+def probe_tensors(monitor):
+    xs = torch.cat([b[0] for b in monitor._probe])
+    ys = torch.cat([b[1] for b in monitor._probe])
+    return xs, ys
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
+    torch.manual_seed(seed)
+    net, shape = (mlp((8, 12, 12, 4)), (8,)) if arch == "mlp" else (cnn(), (1, 8, 8))
+    model = Float64Classifier(net.to(dtype), lr=0.1) if dtype == torch.float64 else Classifier(net, lr=0.1)
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    monitor = HessianEigenMonitor(every_n_steps=2, max_iter=400, tol=tol, num_samples=32)
+    fit(tmp_path, model, random_data(32, shape, seed=seed), [monitor])
+    # the last measurement (step 2) saw the parameters of step 2 = the final ones
+    xs, ys = probe_tensors(monitor)
+    H = dense_hessian(model.net.double(), F.cross_entropy, xs.double(), ys)
+    exact = torch.linalg.eigvalsh(H)
+    assert monitor.last["lip/hessian/converged"] == 1.0
+    assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(exact[-1].item(), rel=tol)
+    scale = exact.abs().max().item()  # lambda_min can be ~0: its error is relative to the operator's scale
+    assert monitor.last["lip/hessian/lambda_min"] == pytest.approx(exact[0].item(), abs=tol * scale)
+
+
+class BNDropout(Classifier):
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Dropout(0.5), nn.Linear(10, 3)))
+
+
+@pytest.mark.parametrize("bn_mode", ["eval", "train"])
+def test_batchnorm_and_dropout_against_dense(tmp_path, bn_mode):
+    model = BNDropout().double()
+    data = torch.utils.data.TensorDataset(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    monitor = HessianEigenMonitor(every_n_steps=1, max_iter=200, tol=1e-8, num_samples=16, bn_mode=bn_mode)
+    trainer = Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_steps=1))
+    trainer.fit(model, loader(data, batch_size=16))
+    reference = model.net
+    reference.eval()  # dropout off
+    if bn_mode == "train":
+        reference[1].train()
+    xs, ys = probe_tensors(monitor)
+    H = dense_hessian(reference, F.cross_entropy, xs, ys)
+    assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-7)
+
+
+def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
+    def run(callbacks):
+        torch.manual_seed(5)
+        model = BNDropout()
+        fit(tmp_path, model, random_data(64, (6,), classes=3), callbacks, max_epochs=2)
+        return model
+
+    plain = run([])
+    monitor = HessianEigenMonitor(every_n_steps=2, data="current")
+    monitored = run([monitor])
+    assert monitor.n_runs == 4
+    for (k, a), b in zip(plain.state_dict().items(), monitored.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert all(p.grad is None or torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), monitored.parameters()))
+
+
+def test_publishes_and_logs_stability_ratio(tmp_path):
+    monitor = HessianEigenMonitor(every_n_steps=2)
+    model = Classifier(mlp(), lr=0.3, momentum=0.9)
+    trainer = fit(tmp_path, model, random_data(64), [monitor], logger=CSVLogger(tmp_path), log_every_n_steps=1)
+    reg = LipRegistry.of(trainer)
+    lam = reg.get("hessian/lambda_max")
+    assert reg.step_of("hessian/lambda_max") == 4 and reg.get("hessian/preconditioned") is False
+    assert reg.get("hessian/eigenvector").shape == (sum(p.numel() for p in model.parameters()),)
+    logged = trainer.logged_metrics
+    assert logged["lip/hessian/lambda_max"].item() == pytest.approx(lam)
+    threshold = (2 + 2 * 0.9) / (1 - 0.0)
+    assert logged["lip/hessian/threshold"].item() == pytest.approx(threshold)
+    assert logged["lip/hessian/stability_ratio"].item() == pytest.approx(0.3 * lam / threshold, rel=1e-6)
+    assert {"lip/hessian/lambda_min", "lip/hessian/residual", "lip/hessian/n_hvp", "lip/hessian/seconds"} <= set(logged)
+
+
+class AdamClassifier(Float64Classifier):
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-2)
+
+
+def test_adam_uses_preconditioned_hessian(tmp_path):
+    model = AdamClassifier(mlp((5, 6, 3)).double())
+    monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16)
+    trainer = fit(tmp_path, model, random_data(16, (5,), classes=3), [monitor], max_epochs=2)
+    opt = trainer.optimizers[0]
+    v_hat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).reshape(-1)
+                       for p in model.parameters()])
+    p_inv_sqrt = (v_hat.sqrt() + 1e-8).rsqrt()
+    xs, ys = probe_tensors(monitor)
+    H = dense_hessian(model.net, F.cross_entropy, xs.double(), ys)
+    exact = torch.linalg.eigvalsh(p_inv_sqrt[:, None] * H * p_inv_sqrt[None, :])[-1].item()
+    assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(exact, rel=1e-6)
+    assert LipRegistry.of(trainer).get("hessian/preconditioned") is True
+    assert monitor.last["lip/hessian/threshold"] == pytest.approx(38.0)
+
+
+class NaNAtStep(Classifier):
+    """Its loss is NaN while the monitor measures (logging muted), finite for training."""
+
+    def lip_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1]) * float("nan")
+
+
+def test_nan_loss_skips_measurement_and_training_continues(tmp_path):
+    monitor = HessianEigenMonitor(every_n_steps=1)
+    model = NaNAtStep(mlp())
+    with pytest.warns(UserWarning, match="non-finite loss or HVP"):
+        trainer = fit(tmp_path, model, random_data(64), [monitor])
+    assert trainer.global_step == 4 and monitor.n_skipped == 4
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert "hessian/lambda_max" not in LipRegistry.of(trainer)
+
+
+def test_frozen_and_unused_parameters(tmp_path):
+    class Partly(Classifier):
+        def __init__(self):
+            super().__init__(mlp())
+            self.unused = nn.Linear(3, 3)  # gets no gradient
+            self.net[0].requires_grad_(False)
+
+    monitor = HessianEigenMonitor(every_n_steps=2)
+    fit(tmp_path, Partly(), random_data(64), [monitor])
+    assert monitor.n_runs == 2 and math.isfinite(monitor.last["lip/hessian/lambda_max"])
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = random_data(64)
+
+    def cb():
+        return HessianEigenMonitor(every_n_steps=3, cold_every_n_runs=2, num_samples=32)
+
+    full = cb()
+    torch.manual_seed(0)
+    fit(tmp_path / "a", Classifier(mlp()), data, [full], max_epochs=4)
+    first = cb()
+    torch.manual_seed(0)
+    model = Classifier(mlp())
+    t1 = fit(tmp_path / "b", model, data, [first], max_epochs=2)
+    t1.save_checkpoint(tmp_path / "c.ckpt")
+    torch.load(tmp_path / "c.ckpt", weights_only=True)
+    second = cb()
+    torch.manual_seed(0)
+    Trainer(callbacks=[second], **trainer_kwargs(tmp_path / "b", max_epochs=4)).fit(
+        Classifier(mlp()), loader(data), ckpt_path=tmp_path / "c.ckpt")
+    assert second.n_runs == full.n_runs == 5
+    assert second.last["lip/hessian/lambda_max"] == full.last["lip/hessian/lambda_max"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(every_n_steps=0), "every_n_steps"),
+        (dict(k=0), "`k`"),
+        (dict(max_iter=1), "max_iter"),
+        (dict(tol=0.0), "tol"),
+        (dict(data="random"), "data"),
+        (dict(num_samples=0), "num_samples"),
+        (dict(bn_mode="frozen"), "bn_mode"),
+        (dict(warm_mix=-1.0), "warm_mix"),
+        (dict(cold_every_n_runs=-1), "cold_every_n_runs"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HessianEigenMonitor(**kwargs)
+
+
+@pytest.mark.slow
+def test_ddp_equals_single_process_on_the_global_probe_set(tmp_path):
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_hessian.py", tmp_path)
+    assert rank0["lambda_max"] == rank1["lambda_max"] and rank0["lambda_min"] == rank1["lambda_min"]
+    for key in rank0["params"]:
+        assert torch.equal(rank0["params"][key], rank1["params"][key])
+    net = mlp((8, 12, 12, 4)).double()
+    net.load_state_dict({k[len("net."):]: v.double() for k, v in rank0["params"].items()})
+    xs = torch.cat([rank0["x"], rank1["x"]]).double()
+    ys = torch.cat([rank0["y"], rank1["y"]])
+    exact = torch.linalg.eigvalsh(dense_hessian(net, F.cross_entropy, xs, ys))
+    assert rank0["lambda_max"] == pytest.approx(exact[-1].item(), rel=1e-5)
+    assert rank0["lambda_min"] == pytest.approx(exact[0].item(), abs=1e-5 * exact.abs().max().item())
