@@ -29,13 +29,21 @@ from lightning_lip.functional import operator_norm  # noqa: E402
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10)
+    )
 
 
 def cnn() -> nn.Module:
     return nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(),
-        nn.Conv2d(64, 64, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64 * 8 * 8, 10),
+        nn.Conv2d(3, 32, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(32, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(64, 64, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(64 * 8 * 8, 10),
     )
 
 
@@ -55,15 +63,24 @@ def step_time(make, shape, steps: int, callbacks) -> float:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(128 * steps, *shape), torch.randint(0, 10, (128 * steps,)))
     timer = StepTimer()
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, accelerator="cpu", callbacks=[*callbacks, timer])
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[*callbacks, timer],
+    )
     trainer.fit(Model(make()), DataLoader(data, batch_size=128))
     return median_step(timer.times)
 
 
 def overhead(args) -> None:
-    print(f"## Overhead (batch 128, {args.steps} steps, {args.repeats} interleaved repeats, "
-          f"{torch.get_num_threads()} threads)\n")
+    print(
+        f"## Overhead (batch 128, {args.steps} steps, {args.repeats} interleaved repeats, "
+        f"{torch.get_num_threads()} threads)\n"
+    )
     print("| model | step without (ms) | step with (ms) | overhead (median of ratios) |")
     print("|---|---|---|---|")
     for name, make, shape in [("MLP 784-1024-1024-10", mlp, (784,)), ("CNN 3x32x32", cnn, (3, 32, 32))]:
@@ -75,8 +92,10 @@ def overhead(args) -> None:
             base.append(b)
             with_cb.append(w)
             ratios.append(w / b - 1)
-        print(f"| {name} | {1e3 * statistics.median(base):.1f} | {1e3 * statistics.median(with_cb):.1f} | "
-              f"{100 * statistics.median(ratios):+.1f}% |")
+        print(
+            f"| {name} | {1e3 * statistics.median(base):.1f} | {1e3 * statistics.median(with_cb):.1f} | "
+            f"{100 * statistics.median(ratios):+.1f}% |"
+        )
 
 
 class ConvOnly(LightningModule):
@@ -101,7 +120,11 @@ def spectral_norm_comparison() -> None:
         ("3x3, 16->16, pad 1 (16x16)", lambda: nn.Conv2d(16, 16, 3, padding=1), (16, 16, 16)),
         ("5x5, 8->8, pad 2 (16x16)", lambda: nn.Conv2d(8, 8, 5, padding=2), (8, 16, 16)),
         ("3x3, 16->32, stride 2 (16x16)", lambda: nn.Conv2d(16, 32, 3, stride=2, padding=1), (16, 16, 16)),
-        ("3x3 circular, 16->16 (16x16)", lambda: nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"), (16, 16, 16)),
+        (
+            "3x3 circular, 16->16 (16x16)",
+            lambda: nn.Conv2d(16, 16, 3, padding=1, padding_mode="circular"),
+            (16, 16, 16),
+        ),
     ]
     for label, make, shape in configs:
         data = DataLoader(TensorDataset(torch.randn(256, *shape)), batch_size=32)
@@ -122,8 +145,15 @@ def spectral_norm_comparison() -> None:
 
 
 def _fit(model, data, callbacks) -> None:
-    Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, accelerator="cpu", callbacks=callbacks).fit(model, data)
+    Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=callbacks,
+    ).fit(model, data)
 
 
 if __name__ == "__main__":

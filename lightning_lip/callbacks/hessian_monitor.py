@@ -130,8 +130,14 @@ class HessianEigenMonitor(Callback):
         writer = tensorboard_writer(trainer)
         if writer is not None:
             writer.add_custom_scalars(
-                {"lightning_lip": {"stability: eta*lambda_max vs threshold": [
-                    "Multiline", ["lip/hessian/eta_lambda_max", "lip/hessian/threshold"]]}}
+                {
+                    "lightning_lip": {
+                        "stability: eta*lambda_max vs threshold": [
+                            "Multiline",
+                            ["lip/hessian/eta_lambda_max", "lip/hessian/threshold"],
+                        ]
+                    }
+                }
             )
 
     @override
@@ -203,19 +209,23 @@ class HessianEigenMonitor(Callback):
         return metrics
 
     def _stability(self, optimizer: torch.optim.Optimizer | None, lam_max: float) -> dict[str, float]:
+        """``lr * lambda_max`` against the threshold, for the param group closest to instability."""
         if optimizer is None:
             return {}
-        group = optimizer.param_groups[0]
-        threshold = stability_threshold(optimizer, group)
-        if threshold is None:
-            self._warn("optimizer", f"No stability threshold is known for {type(optimizer).__name__}.")
-            return {}
-        eta_lambda = float(group["lr"]) * lam_max
-        return {
-            "lip/hessian/eta_lambda_max": eta_lambda,
-            "lip/hessian/threshold": threshold,
-            "lip/hessian/stability_ratio": eta_lambda / threshold,
-        }
+        worst: dict[str, float] = {}
+        for group in optimizer.param_groups:
+            threshold = stability_threshold(optimizer, group)
+            if threshold is None:
+                self._warn("optimizer", f"No stability threshold is known for {type(optimizer).__name__}.")
+                return {}
+            eta_lambda = float(group["lr"]) * lam_max
+            if not worst or eta_lambda / threshold > worst["lip/hessian/stability_ratio"]:
+                worst = {
+                    "lip/hessian/eta_lambda_max": eta_lambda,
+                    "lip/hessian/threshold": threshold,
+                    "lip/hessian/stability_ratio": eta_lambda / threshold,
+                }
+        return worst
 
     def _start_vector(self, n: int, params: dict[str, Tensor]) -> Tensor:
         first = next(iter(params.values()))

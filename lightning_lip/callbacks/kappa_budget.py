@@ -195,7 +195,9 @@ class KappaBudgetProjection(Callback):
                 raise ValueError(f"`layers` names modules the model does not have: {absent}.")
             unsupported = [n for n in self.layers if not is_supported(modules[n])]
             if unsupported:
-                raise ValueError(f"`layers` names unsupported modules (not Linear/ConvNd/ConvTransposeNd): {unsupported}.")
+                raise ValueError(
+                    f"`layers` names unsupported modules (not Linear/ConvNd/ConvTransposeNd): {unsupported}."
+                )
         wanted = set(self.layers) if self.layers is not None else None
         covered: dict[str, nn.Module] = {}
         excluded: list[str] = []
@@ -212,7 +214,9 @@ class KappaBudgetProjection(Callback):
         if self.kappas is not None:
             unknown = sorted(set(self.kappas) - set(covered))
             if unknown:
-                raise ValueError(f"`kappas` names layers that are not projected: {unknown}. Projected: {list(covered)}.")
+                raise ValueError(
+                    f"`kappas` names layers that are not projected: {unknown}. Projected: {list(covered)}."
+                )
             missing = sorted(set(covered) - set(self.kappas))
             if missing:
                 raise ValueError(f"`kappas` has no budget for the projected layers {missing}.")
@@ -297,7 +301,8 @@ class KappaBudgetProjection(Callback):
                 return power_iteration(operator, v.to(weight.device), self.n_power_iterations)
             noise = random_start(shape, weight, self._generator)
             start = noise if cold else v.to(weight.device) + noise
-            return lanczos_svd(operator, start, self.audit_max_iterations, self.tol if refine is not None else self.audit_tol)
+            tol = self.tol if refine is not None else self.audit_tol
+            return lanczos_svd(operator, start, self.audit_max_iterations, tol)
 
     def _checked_allocation(self, sigmas: dict[str, float]) -> dict[str, float]:
         kappas = self.allocate(sigmas)

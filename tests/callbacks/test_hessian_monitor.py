@@ -54,7 +54,9 @@ def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
 
 class BNDropout(Classifier):
     def __init__(self):
-        super().__init__(nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Dropout(0.5), nn.Linear(10, 3)))
+        super().__init__(
+            nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Dropout(0.5), nn.Linear(10, 3))
+        )
 
 
 @pytest.mark.parametrize("bn_mode", ["eval", "train"])
@@ -86,7 +88,9 @@ def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
     assert monitor.n_runs == 4
     for (k, a), b in zip(plain.state_dict().items(), monitored.state_dict().values()):
         assert torch.equal(a, b), k
-    assert all(p.grad is None or torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), monitored.parameters()))
+    assert all(
+        p.grad is None or torch.equal(p.grad, q.grad) for p, q in zip(plain.parameters(), monitored.parameters())
+    )
 
 
 def test_publishes_and_logs_stability_ratio(tmp_path):
@@ -115,8 +119,12 @@ def test_adam_uses_preconditioned_hessian(tmp_path):
     monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16)
     trainer = fit(tmp_path, model, random_data(16, (5,), classes=3), [monitor], max_epochs=2)
     opt = trainer.optimizers[0]
-    v_hat = torch.cat([(opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).reshape(-1)
-                       for p in model.parameters()])
+    v_hat = torch.cat(
+        [
+            (opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).reshape(-1)
+            for p in model.parameters()
+        ]
+    )
     p_inv_sqrt = (v_hat.sqrt() + 1e-8).rsqrt()
     xs, ys = probe_tensors(monitor)
     H = dense_hessian(model.net, F.cross_entropy, xs.double(), ys)
@@ -173,7 +181,8 @@ def test_resume_continues_exactly(tmp_path):
     second = cb()
     torch.manual_seed(0)
     Trainer(callbacks=[second], **trainer_kwargs(tmp_path / "b", max_epochs=4)).fit(
-        Classifier(mlp()), loader(data), ckpt_path=tmp_path / "c.ckpt")
+        Classifier(mlp()), loader(data), ckpt_path=tmp_path / "c.ckpt"
+    )
     assert second.n_runs == full.n_runs == 5
     assert second.last["lip/hessian/lambda_max"] == full.last["lip/hessian/lambda_max"]
 
@@ -206,9 +215,23 @@ def test_ddp_equals_single_process_on_the_global_probe_set(tmp_path):
     for key in rank0["params"]:
         assert torch.equal(rank0["params"][key], rank1["params"][key])
     net = mlp((8, 12, 12, 4)).double()
-    net.load_state_dict({k[len("net."):]: v.double() for k, v in rank0["params"].items()})
+    net.load_state_dict({k[len("net.") :]: v.double() for k, v in rank0["params"].items()})
     xs = torch.cat([rank0["x"], rank1["x"]]).double()
     ys = torch.cat([rank0["y"], rank1["y"]])
     exact = torch.linalg.eigvalsh(dense_hessian(net, F.cross_entropy, xs, ys))
     assert rank0["lambda_max"] == pytest.approx(exact[-1].item(), rel=1e-5)
     assert rank0["lambda_min"] == pytest.approx(exact[0].item(), abs=1e-5 * exact.abs().max().item())
+
+
+def test_stability_ratio_uses_the_least_stable_param_group(tmp_path):
+    class TwoGroups(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.SGD(
+                [{"params": self.net[0].parameters(), "lr": 0.1}, {"params": self.net[2:].parameters(), "lr": 0.3}],
+                lr=0.1,
+            )
+
+    monitor = HessianEigenMonitor(every_n_steps=2)
+    fit(tmp_path, TwoGroups(mlp()), random_data(64), [monitor])
+    lam = monitor.last["lip/hessian/lambda_max"]
+    assert monitor.last["lip/hessian/eta_lambda_max"] == pytest.approx(0.3 * lam)

@@ -139,8 +139,16 @@ def test_logs_through_any_logger(tmp_path, logger_cls):
     trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1))
     trainer.fit(Classifier(mlp()), loader(random_data(64)))
     logged = set(trainer.logged_metrics)
-    expected = {"lip/kappa/bound", "lip/kappa/log10_bound", "lip/kappa/n_projected", "lip/kappa/n_skipped",
-                "lip/kappa/seconds", "lip/kappa/audit_bound", "lip/kappa/sigma/net.0", "lip/kappa/kappa/net.4"}
+    expected = {
+        "lip/kappa/bound",
+        "lip/kappa/log10_bound",
+        "lip/kappa/n_projected",
+        "lip/kappa/n_skipped",
+        "lip/kappa/seconds",
+        "lip/kappa/audit_bound",
+        "lip/kappa/sigma/net.0",
+        "lip/kappa/kappa/net.4",
+    }
     assert expected <= logged
     assert trainer.logged_metrics["lip/kappa/n_projected"].item() == 3
 
@@ -169,7 +177,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 
     resumed = fresh()
     second = cb()
-    Trainer(callbacks=[second], **trainer_kwargs(tmp_path / "b", max_epochs=4)).fit(resumed, loader(data), ckpt_path=ckpt)
+    Trainer(callbacks=[second], **trainer_kwargs(tmp_path / "b", max_epochs=4)).fit(
+        resumed, loader(data), ckpt_path=ckpt
+    )
     assert second.n_projections == 16
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
@@ -221,8 +231,9 @@ def test_setup_rejects_absent_layers(tmp_path, kwargs, match):
 
 
 def test_fixed_policy_and_layer_subset(tmp_path):
-    proj = KappaBudgetProjection(max_lipschitz=1.0, policy="fixed", kappas={"net.0": 0.5, "net.4": 2.0},
-                                 layers=["net.0", "net.4"])
+    proj = KappaBudgetProjection(
+        max_lipschitz=1.0, policy="fixed", kappas={"net.0": 0.5, "net.4": 2.0}, layers=["net.0", "net.4"]
+    )
     model = Classifier(mlp(), lr=0.5)
     with pytest.warns(UserWarning, match=r"does not project 1 layer.*net.2 \(Linear\)"):
         Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
@@ -307,7 +318,9 @@ def test_custom_allocation_by_subclassing(tmp_path):
             return kappas
 
     model = Classifier(mlp())
-    Trainer(callbacks=[FirstLayerTight(max_lipschitz=100.0)], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(32)))
+    Trainer(callbacks=[FirstLayerTight(max_lipschitz=100.0)], **trainer_kwargs(tmp_path)).fit(
+        model, loader(random_data(32))
+    )
     assert dense_operator_norm(model.net[0]) <= 0.25 * (1 + 1e-3)
 
 
@@ -317,7 +330,9 @@ def test_invalid_custom_allocation_raises_clearly(tmp_path):
             return {name: float("nan") for name in sigmas}
 
     with pytest.raises(ValueError, match="allocate must return a finite kappa"):
-        Trainer(callbacks=[Broken(max_lipschitz=1.0)], **trainer_kwargs(tmp_path)).fit(Classifier(mlp()), loader(random_data(16)))
+        Trainer(callbacks=[Broken(max_lipschitz=1.0)], **trainer_kwargs(tmp_path)).fit(
+            Classifier(mlp()), loader(random_data(16))
+        )
 
 
 @pytest.mark.slow

@@ -130,7 +130,10 @@ def test_transposed_conv_with_output_size_uses_recorded_output_shape():
     op = layer_operator(layer, (2, 4, 4), tuple(out.shape[1:]))
 
     def f(z):
-        return layer(z.unsqueeze(0), output_size=[8, 8])[0] - layer(torch.zeros_like(z).unsqueeze(0), output_size=[8, 8])[0]
+        return (
+            layer(z.unsqueeze(0), output_size=[8, 8])[0]
+            - layer(torch.zeros_like(z).unsqueeze(0), output_size=[8, 8])[0]
+        )
 
     J = torch.func.jacrev(f)(torch.zeros(2, 4, 4, dtype=torch.float64)).reshape(-1, 32)
     ref = torch.linalg.matrix_norm(J, 2).item()

@@ -17,8 +17,15 @@ if __name__ == "__main__":
     # measurement (step 4) sees the final parameters.
     monitor = HessianEigenMonitor(every_n_steps=2, num_samples=16, tol=1e-6, max_iter=200)
     trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[monitor],
     )
     trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))
     torch.save(

@@ -34,9 +34,18 @@ if __name__ == "__main__":
     projection = KappaBudgetProjection(max_lipschitz=0.5)
     record = RecordWeights(projection)
     trainer = Trainer(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=2, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, callbacks=[projection, record],
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[projection, record],
     )
     trainer.fit(model, loader(random_data(64, (1, 8, 8)), batch_size=8))
-    torch.save({"weights": record.weights, "n_projections": projection.n_projections, "bound": projection.bound},
-               f"{out}/rank{trainer.global_rank}.pt")
+    torch.save(
+        {"weights": record.weights, "n_projections": projection.n_projections, "bound": projection.bound},
+        f"{out}/rank{trainer.global_rank}.pt",
+    )

@@ -1,0 +1,43 @@
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_lip import HessianEigenMonitor, KappaBudgetProjection
+
+
+class TinyModel(LightningModule):
+    def __init__(self, hidden: int = 8) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(4, hidden)
+
+
+def test_lightning_cli_configures_every_callback_from_yaml(tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        """
+trainer:
+  logger: false
+  callbacks:
+    - class_path: lightning_lip.KappaBudgetProjection
+      init_args:
+        max_lipschitz: 5.0
+        policy: fixed
+        kappas: {net: 5.0}
+        audit_every_n_steps: 10
+    - class_path: lightning_lip.HessianEigenMonitor
+      init_args:
+        every_n_steps: 7
+        data: current
+        bn_mode: train
+"""
+    )
+    cli = LightningCLI(TinyModel, run=False, args=["--config", str(config)], save_config_callback=None)
+    kappa = next(c for c in cli.trainer.callbacks if isinstance(c, KappaBudgetProjection))
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, HessianEigenMonitor))
+    assert (kappa.max_lipschitz, kappa.policy, kappa.kappas, kappa.audit_every_n_steps) == (
+        5.0,
+        "fixed",
+        {"net": 5.0},
+        10,
+    )
+    assert (monitor.every_n_steps, monitor.data, monitor.bn_mode) == (7, "current", "train")
