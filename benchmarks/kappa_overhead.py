@@ -63,16 +63,7 @@ def step_time(make, shape, steps: int, callbacks) -> float:
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(128 * steps, *shape), torch.randint(0, 10, (128 * steps,)))
     timer = StepTimer()
-    trainer = Trainer(
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=[*callbacks, timer],
-    )
-    trainer.fit(Model(make()), DataLoader(data, batch_size=128))
+    _fit(Model(make()), DataLoader(data, batch_size=128), [*callbacks, timer], epochs=1)
     return median_step(timer.times)
 
 
@@ -144,9 +135,9 @@ def spectral_norm_comparison() -> None:
         print(f"| {label} | {kernel:.3f} | {true_sn:.3f} | {true_ours:.4f} |")
 
 
-def _fit(model, data, callbacks) -> None:
+def _fit(model, data, callbacks, epochs: int = 2) -> None:
     Trainer(
-        max_epochs=2,
+        max_epochs=epochs,
         logger=False,
         enable_checkpointing=False,
         enable_progress_bar=False,

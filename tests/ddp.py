@@ -29,3 +29,12 @@ def run_ddp(script: str, out: Path, *args: str, timeout: float = 300) -> list[di
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(2)]
+
+
+def ddp_trainer_kwargs(**overrides) -> dict:
+    """Trainer arguments of the DDP scripts: 2 CPU processes under ``strategy="ddp"``, nothing written."""
+    kwargs = dict(
+        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    return kwargs | overrides

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_lip import HessianEigenMonitor
+from tests.ddp import ddp_trainer_kwargs
 from tests.models import Classifier, loader, mlp, random_data
 
 if __name__ == "__main__":
@@ -16,17 +17,7 @@ if __name__ == "__main__":
     # 64 samples, 2 ranks, batch 8: 4 steps an epoch; the probe is each rank's first 16 samples; the last
     # measurement (step 4) sees the final parameters.
     monitor = HessianEigenMonitor(every_n_steps=2, num_samples=16, tol=1e-6, max_iter=200)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[monitor],
-    )
+    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[monitor]))
     trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))
     torch.save(
         {

@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_lip import KappaBudgetProjection
+from tests.ddp import ddp_trainer_kwargs
 from tests.models import Classifier, cnn, loader, random_data
 
 
@@ -33,17 +34,7 @@ if __name__ == "__main__":
     model = Classifier(cnn(), lr=0.5)
     projection = KappaBudgetProjection(max_lipschitz=0.5)
     record = RecordWeights(projection)
-    trainer = Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp",
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[projection, record],
-    )
+    trainer = Trainer(**ddp_trainer_kwargs(max_epochs=2, callbacks=[projection, record]))
     trainer.fit(model, loader(random_data(64, (1, 8, 8)), batch_size=8))
     torch.save(
         {"weights": record.weights, "n_projections": projection.n_projections, "bound": projection.bound},
