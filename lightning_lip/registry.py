@@ -16,6 +16,14 @@ KEYS: dict[str, str] = {
     "hessian/eigenvector": "flat top eigenvector over the trainable parameters (tensor [P])",
     "hessian/residual": "Ritz residual bound of lambda_max (float)",
     "hessian/preconditioned": "whether the hessian/* values are of Adam's preconditioned Hessian (bool)",
+    "noise/trace": "trace of the per-sample gradient covariance Sigma (float)",
+    "noise/grad_norm_sq": "squared norm of the mean gradient of the batch (float)",
+    "noise/scale": "simple noise scale B_noise = tr Sigma / |G|^2, inf when noise dominates (float)",
+    "noise/top_eigenvalues": "largest eigenvalues of Sigma, descending (tensor [k], float64)",
+    "noise/drift/<layer>": "predicted mean change of the layer's operator norm over the next step (float)",
+    "noise/diffusion/<layer>": "predicted variance of that change (float)",
+    "noise/log_lipschitz_drift": "predicted mean change of log prod_l sigma_l over the next step (float)",
+    "noise/log_lipschitz_std": "predicted standard deviation of that change, cross-layer terms included (float)",
 }
 
 

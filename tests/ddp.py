@@ -34,7 +34,13 @@ def run_ddp(script: str, out: Path, *args: str, timeout: float = 300) -> list[di
 def ddp_trainer_kwargs(**overrides) -> dict:
     """Trainer arguments of the DDP scripts: 2 CPU processes under ``strategy="ddp"``, nothing written."""
     kwargs = dict(
-        accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     return kwargs | overrides

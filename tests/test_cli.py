@@ -2,7 +2,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_lip import HessianEigenMonitor, KappaBudgetProjection
+from lightning_lip import GradientNoiseEstimator, HessianEigenMonitor, KappaBudgetProjection
 
 
 class TinyModel(LightningModule):
@@ -29,6 +29,12 @@ trainer:
         every_n_steps: 7
         data: current
         bn_mode: train
+    - class_path: lightning_lip.GradientNoiseEstimator
+      init_args:
+        every_n_steps: 20
+        layers: [net]
+        chunk_size: 16
+        predict: false
 """
     )
     cli = LightningCLI(TinyModel, run=False, args=["--config", str(config)], save_config_callback=None)
@@ -41,3 +47,5 @@ trainer:
         10,
     )
     assert (monitor.every_n_steps, monitor.data, monitor.bn_mode) == (7, "current", "train")
+    noise = next(c for c in cli.trainer.callbacks if isinstance(c, GradientNoiseEstimator))
+    assert (noise.every_n_steps, noise.layers, noise.chunk_size, noise.predict) == (20, ["net"], 16, False)

@@ -1,6 +1,7 @@
 """Thin Lightning callbacks: schedule, call the functional math, publish, log."""
 
+from lightning_lip.callbacks.gradient_noise import GradientNoiseEstimator
 from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
 from lightning_lip.callbacks.kappa_budget import KappaBudgetProjection
 
-__all__ = ["HessianEigenMonitor", "KappaBudgetProjection"]
+__all__ = ["GradientNoiseEstimator", "HessianEigenMonitor", "KappaBudgetProjection"]

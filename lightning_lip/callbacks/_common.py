@@ -1,13 +1,18 @@
-"""Glue shared by the callbacks: one-time warnings, TensorBoard access, argument checks."""
+"""Glue shared by the callbacks: one-time warnings, TensorBoard access, argument checks, measuring the loss."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_lip.functional._stateless import LossFn
 
 
 class WarnOnce:
@@ -51,3 +56,57 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+def module_loss(pl_module: pl.LightningModule) -> LossFn:
+    """``loss(module, batch)``: ``module.lip_loss(batch)`` if the module defines it, else the loss (or ``"loss"``
+    entry) that ``training_step(batch, 0)`` returns."""
+    if callable(getattr(pl_module, "lip_loss", None)):
+        return lambda module, batch: module.lip_loss(batch)
+
+    def loss(module: pl.LightningModule, batch: Any) -> Tensor:
+        out = module.training_step(batch, 0)
+        return out["loss"] if isinstance(out, dict) else out
+
+    return loss
+
+
+@contextmanager
+def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = False) -> Iterator[None]:
+    """Eval mode (dropout off, BatchNorm on running statistics unless ``batch_norm_train``) and ``log`` muted;
+    every module's ``training`` flag is restored afterwards."""
+    modes = {m: m.training for m in pl_module.modules()}
+    pl_module.eval()
+    if batch_norm_train:
+        for m in pl_module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        del pl_module.log, pl_module.log_dict
+        for m, training in modes.items():
+            m.training = training
+
+
+def detached(batch: Any) -> Any:
+    """A copy of ``batch`` (tensors, nested in tuples, lists and dicts) detached from any graph."""
+    if isinstance(batch, Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(detached(b) for b in batch)
+    if isinstance(batch, dict):
+        return {k: detached(v) for k, v in batch.items()}
+    return batch
+
+
+def batch_size(batch: Any) -> int:
+    """Leading dimension of the first tensor of ``batch``."""
+    if isinstance(batch, Tensor):
+        return batch.shape[0]
+    if isinstance(batch, (list, tuple)):
+        return batch_size(batch[0])
+    if isinstance(batch, dict):
+        return batch_size(next(iter(batch.values())))
+    raise ValueError(f"Cannot infer the batch size of a {type(batch).__name__}; batches must hold tensors.")

@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.seed import isolate_rng
-from torch import Tensor, nn
+from torch import Tensor
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import WarnOnce, check_choice, check_int, check_positive, tensorboard_writer
+from lightning_lip.callbacks._common import (
+    WarnOnce,
+    batch_size,
+    check_choice,
+    check_int,
+    check_positive,
+    detached,
+    measurement_mode,
+    module_loss,
+    tensorboard_writer,
+)
 from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
 from lightning_lip.functional.lanczos import lanczos
 from lightning_lip.functional.stability import adam_preconditioner, is_preconditioned, stability_threshold
 from lightning_lip.registry import LipRegistry
-
-_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
 class HessianEigenMonitor(Callback):
@@ -145,8 +151,8 @@ class HessianEigenMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         if self.data == "fixed" and self._probe_size < self.num_samples:
-            self._probe.append(_detached(batch))
-            self._probe_size += _batch_size(batch)
+            self._probe.append(detached(batch))
+            self._probe_size += batch_size(batch)
         step = trainer.global_step
         if step == self._last_step or not self.should_run(step):
             return
@@ -171,9 +177,9 @@ class HessianEigenMonitor(Callback):
             scaling = adam_preconditioner(optimizer, [named[n] for n in params])
             if scaling is None:
                 return None  # before Adam's first step there is no preconditioner yet
-        sizes = [_batch_size(b) for b in probe]
-        with isolate_rng(), self._measurement_mode(pl_module):
-            hvp = hvp_operator(pl_module, self._loss_fn(pl_module), probe, sizes, params)
+        sizes = [batch_size(b) for b in probe]
+        with isolate_rng(), measurement_mode(pl_module, batch_norm_train=self.bn_mode == "train"):
+            hvp = hvp_operator(pl_module, module_loss(pl_module), probe, sizes, params)
             matvec = self._distributed(trainer, hvp, float(sum(sizes)), scaling)
             v0 = self._start_vector(sum(p.numel() for p in params.values()), params)
             result = lanczos(
@@ -249,33 +255,6 @@ class HessianEigenMonitor(Callback):
 
         return matvec
 
-    def _loss_fn(self, pl_module: LightningModule) -> Any:
-        if callable(getattr(pl_module, "lip_loss", None)):
-            return lambda module, batch: module.lip_loss(batch)
-
-        def loss(module: LightningModule, batch: Any) -> Tensor:
-            out = module.training_step(batch, 0)
-            return out["loss"] if isinstance(out, dict) else out
-
-        return loss
-
-    @contextmanager
-    def _measurement_mode(self, pl_module: LightningModule) -> Iterator[None]:
-        """Dropout off, BatchNorm per ``bn_mode``, logging muted; everything restored afterwards."""
-        modes = {m: m.training for m in pl_module.modules()}
-        pl_module.eval()
-        if self.bn_mode == "train":
-            for m in pl_module.modules():
-                if isinstance(m, _BATCH_NORMS):
-                    m.train()
-        pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
-        try:
-            yield
-        finally:
-            del pl_module.log, pl_module.log_dict
-            for m, training in modes.items():
-                m.training = training
-
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -297,23 +276,3 @@ class HessianEigenMonitor(Callback):
         self._probe = list(state_dict["probe"])
         self._probe_size = state_dict["probe_size"]
         self._generator.set_state(state_dict["generator"])
-
-
-def _detached(batch: Any) -> Any:
-    if isinstance(batch, Tensor):
-        return batch.detach().clone()
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_detached(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: _detached(v) for k, v in batch.items()}
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (list, tuple)):
-        return _batch_size(batch[0])
-    if isinstance(batch, dict):
-        return _batch_size(next(iter(batch.values())))
-    raise ValueError(f"Cannot infer the batch size of a {type(batch).__name__}; batches must hold tensors.")

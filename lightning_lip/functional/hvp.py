@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-LossFn = Callable[[nn.Module, Any], Tensor]
+from lightning_lip.functional._stateless import LossFn, stateless_loss, trainable_parameters
 
 
 def flatten(tensors: Sequence[Tensor]) -> Tensor:
@@ -28,11 +28,6 @@ def unflatten(vector: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
         out.append(vector[offset : offset + t.numel()].view_as(t))
         offset += t.numel()
     return out
-
-
-def trainable_parameters(module: nn.Module) -> dict[str, Tensor]:
-    """``{name: parameter}`` of the parameters that require grad, detached."""
-    return {name: p.detach() for name, p in module.named_parameters() if p.requires_grad}
 
 
 def hvp_operator(
@@ -62,15 +57,8 @@ def hvp_operator(
     names, values = list(params), list(params.values())
     sizes = [1.0] * len(batches) if batch_sizes is None else [float(n) for n in batch_sizes]
     total = sum(sizes)
-    call = _LossCall(module, loss_fn)
-    buffers = {f"module.{name}": b.detach() for name, b in module.named_buffers()}
-
-    def loss(flat_params: tuple[Tensor, ...], batch: Any) -> Tensor:
-        # copies of the buffers: a train-mode BatchNorm updates its running statistics in place
-        state = {f"module.{n}": p for n, p in zip(names, flat_params)} | {k: b.clone() for k, b in buffers.items()}
-        return torch.func.functional_call(call, state, (batch,))
-
-    grad = torch.func.grad(loss)
+    stateless = stateless_loss(module, loss_fn)
+    grad = torch.func.grad(lambda flat_params, batch: stateless(dict(zip(names, flat_params)), batch))
 
     def hvp(v: Tensor) -> Tensor:
         tangents = tuple(unflatten(v.to(values[0].dtype), values))
@@ -81,15 +69,3 @@ def hvp_operator(
         return out.to(v.dtype)
 
     return hvp
-
-
-class _LossCall(nn.Module):
-    """``forward(batch) = loss_fn(module, batch)``, so that ``functional_call`` can swap ``module``'s tensors."""
-
-    def __init__(self, module: nn.Module, loss_fn: LossFn) -> None:
-        super().__init__()
-        self.module = module
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.module, batch)

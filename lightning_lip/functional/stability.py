@@ -10,7 +10,7 @@ bounded iff :math:`\eta\lambda` is below (β = momentum, d = dampening):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -49,7 +49,67 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) 
             continue
         if "exp_avg_sq" not in state:
             return None
-        step = float(state["step"])
-        v_hat = state["exp_avg_sq"] / (1 - group["betas"][1] ** step)
-        parts.append((v_hat.sqrt() + group["eps"]).rsqrt().reshape(-1))
+        parts.append(_adam_denominator(state, group).rsqrt().reshape(-1))
     return torch.cat(parts)
+
+
+def _adam_denominator(state: dict[str, Any], group: dict[str, Any], grad: Tensor | None = None) -> Tensor:
+    r""":math:`\sqrt{\hat v} + \epsilon` from Adam's second moment (the running max with ``amsgrad``): the current
+    one, or with ``grad`` (weight decay included) the one the next step computes."""
+    beta2, step, v = group["betas"][1], float(state["step"]), state["exp_avg_sq"]
+    if grad is not None:
+        v, step = beta2 * v + (1 - beta2) * grad * grad, step + 1
+    if group.get("amsgrad", False):
+        v = torch.maximum(state["max_exp_avg_sq"], v)
+    return (v / (1 - beta2**step)).sqrt() + group["eps"]
+
+
+class LinearStep(NamedTuple):
+    r"""The next update of one parameter as an affine function of its gradient: :math:`\Delta p = o + c \odot g`.
+
+    Attributes:
+        offset: :math:`o`, the part that does not depend on the gradient (momentum, weight decay); ``p``'s shape.
+        gain: :math:`c`, a 0-dim tensor or ``p``'s shape (Adam's per-coordinate step sizes).
+    """
+
+    offset: Tensor
+    gain: Tensor
+
+
+def linear_step(optimizer: torch.optim.Optimizer, param: Tensor, grad: Tensor | None = None) -> LinearStep | None:
+    r"""The step ``optimizer.step()`` is about to apply to ``param``, as an affine map of the gradient ``g``.
+
+    Exact for SGD in all its forms (momentum, dampening, Nesterov, weight decay) given the current momentum buffer.
+    Adam/AdamW are affine in ``g`` only with the second moment frozen: at the value the step computes from ``grad``
+    (then exact at ``g = grad``, linearized around it), else at its current value. ``None`` before Adam's first
+    step, for ``maximize=True``, for other optimizers and for parameters the optimizer does not hold.
+    """
+    group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
+    if group is None or group.get("maximize", False):
+        return None
+    p = param.detach()
+    lr, wd, state = float(group["lr"]), float(group.get("weight_decay", 0.0)), optimizer.state.get(param, {})
+    if isinstance(optimizer, torch.optim.SGD):
+        beta, damp, buf = group["momentum"], group["dampening"], state.get("momentum_buffer")
+        if beta == 0:
+            a, carried = 1.0, 0.0
+        elif buf is None:  # the first step copies the gradient into the buffer, undampened
+            a, carried = (1.0 + beta if group["nesterov"] else 1.0), 0.0
+        elif group["nesterov"]:
+            a, carried = 1.0 + beta * (1 - damp), beta * beta * buf
+        else:
+            a, carried = 1.0 - damp, beta * buf
+        return LinearStep(-lr * (carried + a * wd * p), torch.tensor(-lr * a, dtype=p.dtype, device=p.device))
+    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+        if "exp_avg_sq" not in state:
+            return None
+        beta1 = group["betas"][0]
+        decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+        coupled_wd = 0.0 if decoupled else wd
+        grad = None if grad is None else grad + coupled_wd * p
+        scale = lr / (1 - beta1 ** (float(state["step"]) + 1)) / _adam_denominator(state, group, grad)
+        offset = -scale * (beta1 * state["exp_avg"] + (1 - beta1) * coupled_wd * p)
+        if decoupled:
+            offset = offset - lr * wd * p
+        return LinearStep(offset, -scale * (1 - beta1))
+    return None

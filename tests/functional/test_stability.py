@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_lip.functional.stability import stability_threshold
+from lightning_lip.functional.stability import linear_step, stability_threshold
 
 
 def run_quadratic(make_optimizer, lam, steps=3000):
@@ -35,3 +35,40 @@ def test_adam_threshold_value_and_unknown_optimizer():
     assert stability_threshold(adam, adam.param_groups[0]) == pytest.approx(38.0)
     rms = torch.optim.RMSprop([torch.nn.Parameter(torch.zeros(1))])
     assert stability_threshold(rms, rms.param_groups[0]) is None
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01),
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.01, decoupled_weight_decay=True),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01, amsgrad=True),
+    ],
+)
+def test_linear_step_is_the_step_the_optimizer_takes(make):
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+    optimizer = make([p])
+    checked = 0
+    for _ in range(4):
+        grad = torch.randn(3, 4, generator=g, dtype=torch.float64)
+        step = linear_step(optimizer, p, grad)
+        before = p.detach().clone()
+        p.grad = grad
+        optimizer.step()
+        if step is None:  # Adam before its first step only
+            assert isinstance(optimizer, torch.optim.Adam) and checked == 0
+            continue
+        torch.testing.assert_close(p.detach() - before, step.offset + step.gain * grad, rtol=1e-12, atol=1e-14)
+        checked += 1
+    assert checked >= 3
+
+
+def test_linear_step_unknown_cases():
+    p = torch.nn.Parameter(torch.ones(2))
+    assert linear_step(torch.optim.RMSprop([p]), p) is None
+    assert linear_step(torch.optim.SGD([p], lr=0.1, maximize=True), p) is None
+    assert linear_step(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), p) is None

@@ -1,0 +1,362 @@
+r"""
+Gradient noise estimator
+^^^^^^^^^^^^^^^^^^^^^^^^
+
+Measures the mini-batch gradient noise from per-sample gradients and predicts how it moves each layer's operator
+norm and the network's Lipschitz bound (Luo et al., "Optimization-Induced Dynamics of Lipschitz Continuity").
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.seed import isolate_rng
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+from typing_extensions import override
+
+from lightning_lip.callbacks._common import (
+    WarnOnce,
+    batch_size,
+    check_int,
+    measurement_mode,
+    module_loss,
+)
+from lightning_lip.functional._stateless import trainable_parameters
+from lightning_lip.functional.noise import (
+    centred,
+    layer_snr,
+    log_lipschitz_dynamics,
+    noise_statistics,
+    sigma_dynamics,
+)
+from lightning_lip.functional.per_sample import per_sample_grads
+from lightning_lip.functional.stability import linear_step
+from lightning_lip.registry import LipRegistry
+
+
+class GradientNoiseEstimator(Callback):
+    r"""Gradient-noise statistics and the Lipschitz dynamics they drive, from per-sample gradients.
+
+    Every ``every_n_steps`` optimizer steps (:meth:`should_run`), after backward and before the optimizer step, the
+    callback computes per-sample gradients of the current batch (its first ``max_samples`` samples) with
+    ``torch.func.vmap`` in eval mode (dropout off, BatchNorm on running statistics), without touching ``.grad`` or
+    the optimizer. Under DDP the per-sample gradients of all ranks are gathered, so the statistics are those of the
+    global batch seen by one process. The loss is ``pl_module.lip_loss(batch)`` if defined, else
+    ``training_step(batch, 0)``; it must be a mean over samples.
+
+    Noise statistics (all parameters): :math:`\mathrm{tr}\,\Sigma`, :math:`\|\bar g\|^2` (and its unbiased
+    version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per
+    layer the gradient signal-to-noise ratio :math:`\|\bar g_l\|^2/\mathrm{tr}\,\Sigma_{B,l}`.
+
+    Lipschitz dynamics (``nn.Linear`` layers): the step is the one the optimizer is about to take, written as
+    :math:`\Delta W = o + c \odot g` by :func:`~lightning_lip.functional.stability.linear_step` (exact for SGD with
+    momentum/Nesterov/weight decay; Adam/AdamW with the second moment frozen at the value of this step); its noise
+    is :math:`c \odot \xi` with :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`, :math:`B_{step}` the samples averaged
+    by the step (batch size x ranks x accumulated batches), corrected for sampling without replacement from the
+    ``N`` training samples, :math:`\times(N-B)/(N-1)` (no noise at all for full-batch steps). Per layer: the drift
+    of :math:`\sigma_1` (first order, second order with the operator-norm Hessian, noise curvature) and its
+    diffusion, from an exact SVD of the weight (which the second-order terms need, so the singular vectors of a
+    ``KappaBudgetProjection`` are not used); for the network, the drift and standard deviation of
+    :math:`\log\prod_l\sigma_l`.
+
+    One step after each measurement the callback predicts that step again with the new weights and optimizer state
+    but the previous batch's gradients, and compares with the observed change (weights read before any other step
+    post-hook, e.g. a projection). The z-score divides by :math:`\sqrt2 s`: the prediction's own mean estimate
+    carries one draw of the noise and the observed step another.
+
+    Logged under ``lip/noise/``: ``trace``, ``grad_norm_sq``, ``grad_norm_sq_unbiased``, ``scale``,
+    ``effective_rank``, ``eigenvalue_<i>``, ``snr/<layer>``, ``drift/<layer>``, ``diffusion/<layer>``,
+    ``log_lipschitz_drift``, ``log_lipschitz_std``, ``log_lipschitz_std_blockdiag``, ``observed/<layer>``,
+    ``predicted/<layer>``, ``zscore/<layer>``, ``log_lipschitz_observed``, ``log_lipschitz_predicted``,
+    ``log_lipschitz_zscore``, ``n_samples``, ``n_skipped``, ``seconds``. Registry: ``noise/trace``,
+    ``noise/grad_norm_sq``, ``noise/scale``, ``noise/top_eigenvalues``, ``noise/drift/<layer>``,
+    ``noise/diffusion/<layer>``, ``noise/log_lipschitz_drift``, ``noise/log_lipschitz_std``.
+
+    Args:
+        every_n_steps: measure before every this many-th optimizer step, ``>= 1``.
+        layers: qualified names of the modules to report per layer; default every ``nn.Linear`` and ``nn.ConvNd``
+            with a trainable weight (Lipschitz dynamics for the ``nn.Linear`` ones).
+        chunk_size: samples per ``vmap`` chunk, bounding peak memory; ``None``: all at once.
+        max_samples: at most this many samples of each batch (per rank), ``>= 2``.
+        k: number of top eigenvalues of :math:`\Sigma` to report, ``>= 1``.
+        predict: compare the next step's observed change with its prediction (z-scores).
+
+    Raises:
+        ValueError: if an argument is out of range or ``layers`` names a module the model lacks.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[GradientNoiseEstimator(every_n_steps=50)])
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        layers: list[str] | None = None,
+        chunk_size: int | None = None,
+        max_samples: int = 128,
+        k: int = 5,
+        predict: bool = True,
+    ) -> None:
+        check_int("every_n_steps", every_n_steps, 1)
+        if chunk_size is not None:
+            check_int("chunk_size", chunk_size, 1)
+        check_int("max_samples", max_samples, 2)
+        check_int("k", k, 1)
+        self.every_n_steps = every_n_steps
+        self.layers = None if layers is None else list(layers)
+        self.chunk_size = chunk_size
+        self.max_samples = max_samples
+        self.k = k
+        self.predict = predict
+
+        self.n_runs = 0
+        self.n_skipped = 0
+        self.last: dict[str, float] = {}
+        self._layers: dict[str, nn.Module] = {}
+        self._batch: Any = None
+        self._sample: dict[str, Tensor] | None = None  # per-sample weight gradients kept for the next prediction
+        self._expected: dict[str, Any] | None = None
+        self._pending: dict[str, float] = {}
+        self._handles: list[Any] = []
+        self._warn = WarnOnce()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, layers=self.layers)
+
+    def should_run(self, step: int) -> bool:
+        """Whether to measure before optimizer step ``step`` (1-based)."""
+        return step % self.every_n_steps == 0
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        modules = dict(pl_module.named_modules())
+        if self.layers is not None:
+            absent = [n for n in self.layers if n not in modules or not hasattr(modules[n], "weight")]
+            if absent:
+                raise ValueError(f"`layers` names modules the model does not have (or without weight): {absent}.")
+            self._layers = {n: modules[n] for n in self.layers}
+        else:
+            kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+            self._layers = {n: m for n, m in modules.items() if isinstance(m, kinds) and m.weight.requires_grad}
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        for optimizer in trainer.optimizers:
+            handle = optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer))
+            # observe the step before any other post-hook (a projection) changes the weights
+            optimizer._optimizer_step_post_hooks.move_to_end(handle.id, last=False)
+            self._handles.append(handle)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._batch = batch
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._batch is None:
+            return
+        step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size)
+        if self._sample is not None:
+            self._expected = self._predict(optimizer, self._sample, step_batch)
+            self._sample = None
+        if not self.should_run(trainer.global_step + 1):
+            return
+        start = time.perf_counter()
+        metrics = self.measure(trainer, pl_module, optimizer, self._batch, step_batch)
+        if metrics is not None:
+            metrics["lip/noise/seconds"] = time.perf_counter() - start
+            self.last = metrics
+        self._pending |= metrics or {"lip/noise/n_skipped": float(self.n_skipped)}
+
+    def measure(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        optimizer: torch.optim.Optimizer,
+        batch: Any,
+        step_batch: float,
+    ) -> dict[str, float] | None:
+        """Per-sample gradients of ``batch``, noise statistics, and the Lipschitz dynamics of the step about to be
+        taken (which averages ``step_batch`` samples); publish and return the metrics, or ``None`` if skipped."""
+        params = trainable_parameters(pl_module)
+        if not params:
+            self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
+            return None
+        n = min(batch_size(batch), self.max_samples)
+        sub = tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, batch)
+        with isolate_rng(), measurement_mode(pl_module):
+            grads = per_sample_grads(pl_module, module_loss(pl_module), sub, params, self.chunk_size)
+        flat = self._gather(trainer, torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1))
+        self.n_runs += 1
+        if flat.shape[0] < 2 or not torch.isfinite(flat).all():
+            self.n_skipped += 1
+            reason = "batch size 1: no noise estimate" if flat.shape[0] < 2 else "non-finite per-sample gradients"
+            self._warn(reason, f"{type(self).__name__}: {reason}; the measurement is skipped.")
+            return None
+        per_param = dict(zip(params, flat.split([p.numel() for p in params.values()], 1)))
+        stats = noise_statistics(flat, self.k)
+        metrics = {
+            "lip/noise/trace": stats.trace.item(),
+            "lip/noise/grad_norm_sq": stats.grad_norm_sq.item(),
+            "lip/noise/grad_norm_sq_unbiased": stats.grad_norm_sq_unbiased.item(),
+            "lip/noise/scale": stats.scale.item(),
+            "lip/noise/effective_rank": stats.effective_rank.item(),
+            "lip/noise/n_samples": float(flat.shape[0]),
+            "lip/noise/n_skipped": float(self.n_skipped),
+        }
+        metrics |= {f"lip/noise/eigenvalue_{i + 1}": mu.item() for i, mu in enumerate(stats.top_eigenvalues)}
+        names = dict(pl_module.named_parameters())
+        for layer_name, layer in self._layers.items():
+            keys = [f"{layer_name}.{p}" for p, _ in layer.named_parameters(recurse=False)]
+            keys = [key for key in keys if key in per_param]
+            if keys:
+                layer_grads = torch.cat([per_param[key] for key in keys], 1)
+                metrics[f"lip/noise/snr/{layer_name}"] = layer_snr(*centred(layer_grads)).item()
+        weights = {
+            name: per_param[f"{name}.weight"].reshape(-1, *names[f"{name}.weight"].shape)
+            for name, layer in self._layers.items()
+            if isinstance(layer, nn.Linear) and f"{name}.weight" in per_param
+        }
+        registry = LipRegistry.of(trainer)
+        step = trainer.global_step
+        for key, value in (("trace", stats.trace), ("grad_norm_sq", stats.grad_norm_sq), ("scale", stats.scale)):
+            registry.publish(f"noise/{key}", value.item(), step)
+        registry.publish("noise/top_eigenvalues", stats.top_eigenvalues, step)
+        dynamics = self._predict(optimizer, weights, step_batch)
+        if dynamics is not None:
+            for name, (_, drift, diffusion, _) in dynamics["layers"].items():
+                metrics[f"lip/noise/drift/{name}"] = drift
+                metrics[f"lip/noise/diffusion/{name}"] = diffusion
+                registry.publish(f"noise/drift/{name}", drift, step)
+                registry.publish(f"noise/diffusion/{name}", diffusion, step)
+            metrics["lip/noise/log_lipschitz_drift"] = dynamics["log_drift"]
+            metrics["lip/noise/log_lipschitz_std"] = math.sqrt(dynamics["log_variance"])
+            metrics["lip/noise/log_lipschitz_std_blockdiag"] = math.sqrt(dynamics["log_variance_blockdiag"])
+            registry.publish("noise/log_lipschitz_drift", dynamics["log_drift"], step)
+            registry.publish("noise/log_lipschitz_std", metrics["lip/noise/log_lipschitz_std"], step)
+        if self.predict:
+            self._sample = weights
+        return metrics
+
+    def _gather(self, trainer: Trainer, flat: Tensor) -> Tensor:
+        """``[B, P]`` per-sample gradients of this rank -> the global batch's (truncated to the smallest rank's)."""
+        if trainer.world_size == 1:
+            return flat
+        n = int(trainer.strategy.reduce(torch.tensor(float(flat.shape[0]), device=flat.device), reduce_op="min"))
+        gathered = trainer.strategy.all_gather(flat[:n].contiguous())
+        return gathered.reshape(-1, flat.shape[1])
+
+    @torch.no_grad()
+    def _predict(
+        self, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor], step_batch: float
+    ) -> dict[str, Any] | None:
+        """Dynamics of the step ``optimizer`` is about to take, averaging ``step_batch`` samples, given per-sample
+        weight gradients ``{layer: [n, m, k]}``."""
+        per_layer = {}
+        for name, grads in weights.items():
+            weight = self._layers[name].weight
+            step = linear_step(optimizer, weight, None if weight.grad is None else weight.grad.detach())
+            if step is None:
+                self._warn("step_map", f"{type(self).__name__}: no linear step map for {type(optimizer).__name__}.")
+                return None
+            mean, omega = centred(grads.double())
+            u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+            gain = step.gain.double()
+            dyn = sigma_dynamics(u, s, vh.T, step.offset.double() + gain * mean, gain * omega, step_batch)
+            per_layer[name] = (s[0].item(), dyn.drift.item(), dyn.diffusion.item(), dyn.projections)
+        if not per_layer:
+            return None
+        columns = list(zip(*per_layer.values()))
+        log_drift, log_var, log_var_block = log_lipschitz_dynamics(
+            *(torch.tensor(c, dtype=torch.float64) for c in columns[:3]), torch.stack(columns[3]), step_batch
+        )
+        return {
+            "layers": per_layer,
+            "log_drift": log_drift.item(),
+            "log_variance": log_var.item(),
+            "log_variance_blockdiag": log_var_block.item(),
+        }
+
+    def _on_optimizer_step(self, trainer: Trainer, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if self._expected is None:
+            return
+        expected, self._expected = self._expected, None
+        observed_log = 0.0
+        predicted_log = expected["log_drift"]
+        for name, (sigma, drift, diffusion, _) in expected["layers"].items():
+            after = torch.linalg.matrix_norm(self._layers[name].weight.detach().double(), 2).item()
+            observed = after - sigma
+            observed_log += math.log(after / sigma)
+            self._pending[f"lip/noise/observed/{name}"] = observed
+            self._pending[f"lip/noise/predicted/{name}"] = drift
+            self._pending[f"lip/noise/zscore/{name}"] = _zscore(observed, drift, diffusion)
+        self._pending["lip/noise/log_lipschitz_observed"] = observed_log
+        self._pending["lip/noise/log_lipschitz_predicted"] = predicted_log
+        self._pending["lip/noise/log_lipschitz_zscore"] = _zscore(observed_log, predicted_log, expected["log_variance"])
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._batch = None
+        if self._pending:
+            pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
+            self._pending = {}
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "n_runs": self.n_runs,
+            "n_skipped": self.n_skipped,
+            "sample": None if self._sample is None else {k: v.cpu() for k, v in self._sample.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.n_runs = state_dict["n_runs"]
+        self.n_skipped = state_dict["n_skipped"]
+        self._sample = state_dict["sample"]
+
+
+def _effective_batch(trainer: Trainer, global_batch: int) -> float:
+    """Samples averaged by one step, :math:`B = ` ``global_batch`` x accumulated batches, corrected for sampling
+    without replacement from the training set when its size ``N`` is known: :math:`B(N-1)/(N-B)`."""
+    b = float(global_batch * trainer.accumulate_grad_batches)
+    try:
+        n = len(trainer.train_dataloader.dataset)
+    except (AttributeError, TypeError):
+        return b
+    return b * (n - 1) / (n - b) if n > b else math.inf
+
+
+def _zscore(observed: float, predicted: float, variance: float) -> float:
+    """Observed minus predicted over the standard deviation of their difference, :math:`\\sqrt{2}s`."""
+    return (observed - predicted) / math.sqrt(2 * variance) if variance > 0 else math.nan

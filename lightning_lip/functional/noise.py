@@ -1,0 +1,201 @@
+r"""Mini-batch gradient noise in low-rank form, and the Lipschitz dynamics it drives (Luo et al.).
+
+From per-sample gradients :math:`g_i` (``[B, P]``), mean :math:`\bar g` and centred rows :math:`\Omega_i = g_i -
+\bar g`: the per-sample covariance :math:`\Sigma = \Omega^\top\Omega/(B-1)` (never formed: its non-zero spectrum
+is the one of the ``B x B`` Gram matrix), the mini-batch noise covariance :math:`\Sigma_B = \Sigma/B`. Sampling is
+treated as with replacement unless a ``batch_size`` says otherwise: without replacement from ``N`` examples
+:math:`\Sigma_B` shrinks by :math:`(N-B)/(N-1)` (to 0 for full-batch steps).
+
+For a layer :math:`W = \sum_j \sigma_j u_j v_j^\top` and a step :math:`\Delta W = M + N`, mean step ``M`` and noise
+``N`` with per-sample deviations :math:`N_i` (the centred gradients mapped through the step, e.g. :math:`-\eta
+\Omega_i` for SGD), the top singular value moves by
+
+- drift :math:`\mu = \langle u_1v_1^\top, M\rangle + \frac12\nabla^2\sigma_1[M, M] + \frac{1}{2B(B-1)}\sum_i
+  \nabla^2\sigma_1[N_i, N_i]` (first order, second order, noise curvature);
+- diffusion :math:`s^2 = \frac{1}{B(B-1)}\sum_i \langle \nabla\sigma_1(W + M), N_i\rangle^2`, the gradient taken at the
+  end of the mean step, :math:`\nabla\sigma_1(W+M) \approx u_1v_1^\top + \nabla^2\sigma_1[M, \cdot]` (the
+  correction matters when the mean step is large, as with momentum).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class NoiseStatistics:
+    r"""Statistics of the gradient noise of one batch (0-dim float64 tensors unless stated).
+
+    Attributes:
+        batch_size: ``B``.
+        trace: :math:`\mathrm{tr}\,\Sigma`, per-sample covariance.
+        grad_norm_sq: :math:`\|\bar g\|^2`.
+        grad_norm_sq_unbiased: :math:`\|\bar g\|^2 - \mathrm{tr}\,\Sigma/B`, unbiased for :math:`\|G\|^2`.
+        scale: simple noise scale :math:`B_{noise} = \mathrm{tr}\,\Sigma / \|G\|^2` (McCandlish et al. 2018), ``inf``
+            when the unbiased :math:`\|G\|^2` is not positive (noise dominates).
+        top_eigenvalues: ``[k]`` largest eigenvalues of :math:`\Sigma`, descending.
+        effective_rank: :math:`(\mathrm{tr}\,\Sigma)^2/\|\Sigma\|_F^2`, between 1 and ``B - 1``.
+    """
+
+    batch_size: int
+    trace: Tensor
+    grad_norm_sq: Tensor
+    grad_norm_sq_unbiased: Tensor
+    scale: Tensor
+    top_eigenvalues: Tensor
+    effective_rank: Tensor
+
+
+def centred(grads: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean ``[P]`` and centred rows ``[B, P]`` of per-sample gradients ``grads`` ``[B, P]``."""
+    mean = grads.mean(0)
+    return mean, grads - mean
+
+
+def gram_spectrum(omega: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Eigenvalues (descending, ``[B]``, float64) and eigenvectors (``[B, B]`` columns) of the Gram matrix
+    :math:`K = \Omega\Omega^\top/(B-1)`, which has the non-zero eigenvalues of :math:`\Sigma`."""
+    b = omega.shape[0]
+    o = omega.double()
+    mu, q = torch.linalg.eigh(o @ o.T / (b - 1))
+    return mu.flip(0), q.flip(1)
+
+
+def noise_statistics(grads: Tensor, k: int = 5) -> NoiseStatistics:
+    """Noise statistics of per-sample gradients ``grads`` ``[B, P]``, ``B >= 2``, from the ``B x B`` Gram matrix."""
+    b = grads.shape[0]
+    if b < 2:
+        raise ValueError(f"The noise needs at least 2 samples, got {b}.")
+    mean, omega = centred(grads)
+    mu, _ = gram_spectrum(omega)
+    mu = mu.clamp_min(0)
+    trace = mu.sum()
+    norm_sq = mean.double().square().sum()
+    unbiased = norm_sq - trace / b
+    scale = trace / unbiased if unbiased > 0 else torch.tensor(torch.inf, dtype=torch.float64)
+    effective_rank = trace.square() / mu.square().sum() if trace > 0 else torch.zeros((), dtype=torch.float64)
+    return NoiseStatistics(b, trace, norm_sq, unbiased, scale, mu[: min(k, b)], effective_rank)
+
+
+def noise_factor(omega: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    r"""Top-``k`` eigenpairs of :math:`\Sigma` without forming it: eigenvalues ``[k]`` and orthonormal eigenvectors
+    ``[P, k]`` :math:`\Omega^\top q_j/\sqrt{(B-1)\mu_j}`. (:math:`\Omega^\top/\sqrt{B-1}` itself is an exact square
+    root factor of rank ``<= B - 1``.)"""
+    b = omega.shape[0]
+    mu, q = gram_spectrum(omega)
+    mu, q = mu[:k], q[:, :k]
+    vectors = omega.double().T @ q / ((b - 1) * mu.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
+    return mu, vectors
+
+
+def layer_snr(mean: Tensor, omega: Tensor) -> Tensor:
+    r"""Signal-to-noise ratio of a layer's mini-batch gradient, :math:`\|\bar g_l\|^2 / \mathrm{tr}\,\Sigma_{B,l}`,
+    from its mean ``[P_l]`` and centred rows ``[B, P_l]``; above 1 the batch gradient is mostly signal."""
+    b = omega.shape[0]
+    noise = omega.double().square().sum() / ((b - 1) * b)
+    return mean.double().square().sum() / noise
+
+
+def sigma_hessian(u: Tensor, s: Tensor, v: Tensor, e: Tensor, f: Tensor | None = None) -> Tensor:
+    r"""Second derivative :math:`\nabla^2\sigma_1[E, F]` of the top singular value of :math:`W = U\,\mathrm{diag}(s)
+    V^\top`, a symmetric bilinear form in the directions (:math:`F = E` by default).
+
+    Args:
+        u: ``[m, r]`` left singular vectors, ``r = min(m, n)``.
+        s: ``[r]`` singular values, descending, :math:`\sigma_1 > \sigma_2` (the value is not differentiable else).
+        v: ``[n, r]`` right singular vectors.
+        e, f: ``[..., m, n]`` directions (broadcast against each other).
+
+    Returns:
+        ``[...]``; for ``E = F``: :math:`\sum_{j\ge2}\frac{\sigma_1(\alpha_j^2+\beta_j^2)+2\sigma_j\alpha_j\beta_j}
+        {\sigma_1^2-\sigma_j^2} + \frac{\|Ev_1\|^2-\|\alpha\|^2+\|E^\top u_1\|^2-\|\beta\|^2}{\sigma_1}` with
+        :math:`\alpha_j = u_j^\top E v_1`, :math:`\beta_j = u_1^\top E v_j`; non-negative (:math:`\sigma_1` is
+        convex).
+    """
+    ev, etu = e @ v[:, 0], u[:, 0] @ e  # [..., m], [..., n]
+    fv, ftu = (ev, etu) if f is None else (f @ v[:, 0], u[:, 0] @ f)
+    ae, be, af, bf = ev @ u, etu @ v, fv @ u, ftu @ v  # alpha_j and beta_j of E and F, [..., r]
+    s1, sj = s[0], s[1:]
+    coupled = s1 * (ae * af + be * bf)[..., 1:] + sj * (ae * bf + be * af)[..., 1:]
+    coupled = (coupled / (s1 * s1 - sj * sj)).sum(-1)
+    outside = (ev * fv).sum(-1) - (ae * af).sum(-1) + (etu * ftu).sum(-1) - (be * bf).sum(-1)
+    return coupled + outside / s1
+
+
+@dataclass
+class SigmaDynamics:
+    r"""Predicted change of one layer's top singular value over one step (0-dim float64 unless stated).
+
+    Attributes:
+        first_order: :math:`\langle u_1 v_1^\top, M\rangle`.
+        second_order: :math:`\frac12\nabla^2\sigma_1[M, M]`.
+        noise_curvature: :math:`\frac12\mathrm{tr}(\mathrm{Cov}(N)\nabla^2\sigma_1) \ge 0`.
+        drift: :math:`\mu`, the sum of the three.
+        diffusion: :math:`s^2`, variance of the change.
+        projections: ``[n]`` :math:`\langle u_1 v_1^\top, N_i\rangle + \nabla^2\sigma_1[M, N_i]`, the noise seen by the
+            gradient of :math:`\sigma_1` at the end of the mean step; for cross-layer covariances.
+    """
+
+    first_order: Tensor
+    second_order: Tensor
+    noise_curvature: Tensor
+    drift: Tensor
+    diffusion: Tensor
+    projections: Tensor
+
+
+def sigma_dynamics(
+    u: Tensor, s: Tensor, v: Tensor, mean_step: Tensor, noise_steps: Tensor, batch_size: float | None = None
+) -> SigmaDynamics:
+    r"""Drift and diffusion of :math:`\sigma_1(W)` under the step :math:`M + N`.
+
+    Args:
+        u, s, v: the SVD of ``W`` as in :func:`sigma_hessian` (float64 recommended).
+        mean_step: ``[m, n]`` mean step ``M``.
+        noise_steps: ``[n, m, n]`` per-sample deviations :math:`N_i` of ``n`` samples, centred.
+        batch_size: samples averaged by the step, default ``n``; the step's noise covariance is
+            :math:`\sum_i N_i N_i^\top / ((n-1)\,\mathrm{batch\_size})`. Pass :math:`B(N-1)/(N-B)` for batches
+            drawn without replacement from ``N`` examples (``inf``: full batch, no noise).
+    """
+    scale = 1.0 / ((noise_steps.shape[0] - 1) * (batch_size or noise_steps.shape[0]))
+    u1, v1 = u[:, 0], v[:, 0]
+    first = u1 @ mean_step @ v1
+    second = 0.5 * sigma_hessian(u, s, v, mean_step)
+    curvature = 0.5 * scale * sigma_hessian(u, s, v, noise_steps).sum()
+    projections = torch.einsum("m,bmn,n->b", u1, noise_steps, v1) + sigma_hessian(u, s, v, mean_step, noise_steps)
+    diffusion = scale * projections.square().sum()
+    return SigmaDynamics(first, second, curvature, first + second + curvature, diffusion, projections)
+
+
+def log_lipschitz_dynamics(
+    sigmas: Tensor, drifts: Tensor, diffusions: Tensor, projections: Tensor, batch_size: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    r"""Drift and variance of :math:`\log K = \sum_l \log\sigma_l` over one step.
+
+    Args:
+        sigmas, drifts, diffusions: ``[L]`` per-layer :math:`\sigma_l`, :math:`\mu_l`, :math:`s_l^2`.
+        projections: ``[L, n]`` per-layer :attr:`SigmaDynamics.projections`.
+        batch_size: as in :func:`sigma_dynamics`.
+
+    Returns:
+        ``(drift, variance, variance_block_diagonal)``: drift :math:`\sum_l \mu_l/\sigma_l - s_l^2/(2\sigma_l^2)`
+        (Itô); the variance from the per-sample projections :math:`\frac{1}{(n-1)B}\sum_i(\sum_l
+        p_{il}/\sigma_l)^2`, cross-layer terms included; and :math:`\sum_l s_l^2/\sigma_l^2`, the paper's
+        independent-layer approximation.
+    """
+    n = projections.shape[1]
+    drift = (drifts / sigmas - diffusions / (2 * sigmas * sigmas)).sum()
+    variance = (projections / sigmas[:, None]).sum(0).square().sum() / ((n - 1) * (batch_size or n))
+    return drift, variance, (diffusions / (sigmas * sigmas)).sum()
+
+
+def lipschitz_forecast(k0: float, drift: float, variance: float, steps: int) -> tuple[float, float]:
+    r"""Mean and standard deviation of :math:`K` after ``steps`` steps with the per-step ``drift`` and ``variance``
+    of :math:`\log K` frozen (log-normal): :math:`E K = K_0 e^{t(\mathrm{drift} + \mathrm{variance}/2)}`
+    :math:`= K_0 e^{t\sum_l\mu_l/\sigma_l}`, :math:`\mathrm{Var} K = (EK)^2(e^{t\,\mathrm{variance}} - 1)`."""
+    mean = k0 * math.exp(steps * (drift + variance / 2))
+    return mean, mean * math.sqrt(math.expm1(steps * variance))

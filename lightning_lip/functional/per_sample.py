@@ -1,0 +1,67 @@
+r"""Per-sample gradients with ``torch.func``: ``vmap`` of ``grad`` over the samples of a batch, optionally chunked.
+
+Each sample is fed as a batch of one, so ``loss_fn`` is the user's mean-loss function unchanged. The module is
+called through ``functional_call`` (its parameters are never touched, no ``.backward()`` runs). A BatchNorm in
+training mode couples the samples of a batch, so it has no per-sample gradient: it must be in eval mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from lightning_lip.functional._stateless import LossFn, stateless_loss, trainable_parameters
+
+_BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
+
+
+def per_sample_grads(
+    module: nn.Module,
+    loss_fn: LossFn,
+    batch: Any,
+    params: dict[str, Tensor] | None = None,
+    chunk_size: int | None = None,
+) -> dict[str, Tensor]:
+    r"""Gradients :math:`g_i = \nabla_\theta \ell(\theta; x_i)` of every sample of ``batch``.
+
+    Args:
+        module: the model; BatchNorm layers must be in eval mode (running statistics).
+        loss_fn: ``loss_fn(module, batch) -> scalar`` mean loss of a batch; called on batches of one sample.
+        batch: a tensor or a (nested) tuple/list/dict of tensors whose leading dimension ``B`` indexes samples.
+        params: ``{name: tensor}`` to differentiate, default the trainable parameters; others stay fixed.
+        chunk_size: samples processed at once by ``vmap`` (bounds peak memory); ``None``: all ``B`` at once.
+
+    Returns:
+        ``{name: tensor of shape [B, *param.shape]}`` in the dtype of the parameters.
+
+    Raises:
+        ValueError: a BatchNorm is in training mode, or ``chunk_size < 1``.
+        MemoryError: the computation ran out of memory; the message names ``chunk_size``.
+    """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be None or an integer >= 1, got {chunk_size!r}.")
+    training_bn = [name for name, m in module.named_modules() if isinstance(m, _BATCH_NORMS) and m.training]
+    if training_bn:
+        raise ValueError(
+            f"BatchNorm layers in training mode have no per-sample gradient (they mix the samples): {training_bn}. "
+            "Call `module.eval()` (running statistics) first."
+        )
+    params = trainable_parameters(module) if params is None else params
+    loss = stateless_loss(module, loss_fn)
+
+    def sample_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
+        return loss(p, tree_map(lambda t: t.unsqueeze(0), sample))
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0), chunk_size=chunk_size)
+    try:
+        return grads(params, batch)
+    except RuntimeError as error:  # torch.OutOfMemoryError on GPUs, a RuntimeError from the CPU allocator
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        raise MemoryError(
+            f"Per-sample gradients ran out of memory ({error}). Pass a smaller `chunk_size` (now {chunk_size}) "
+            "or fewer samples."
+        ) from error

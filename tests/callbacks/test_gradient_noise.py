@@ -1,0 +1,251 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
+from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+
+
+def fit(tmp_path, model, data, callbacks, batch_size=16, **kw):
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
+    trainer.fit(model, loader(data, batch_size))
+    return trainer
+
+
+class LastBatch(GradientNoiseEstimator):
+    """Keeps the batch and parameters of the last measurement, for the dense references."""
+
+    def measure(self, trainer, pl_module, optimizer, batch, step_batch):
+        self.seen = ([t.clone() for t in batch], {k: v.detach().clone() for k, v in pl_module.named_parameters()})
+        return super().measure(trainer, pl_module, optimizer, batch, step_batch)
+
+
+def loop_grads(net, x, y):
+    rows = []
+    for i in range(len(x)):
+        net.zero_grad()
+        F.cross_entropy(net(x[i : i + 1]), y[i : i + 1]).backward()
+        rows.append(torch.cat([p.grad.reshape(-1) for p in net.parameters()]))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_statistics_equal_dense_covariance_of_a_per_sample_loop(tmp_path, arch):
+    net, shape = (mlp((8, 12, 4)), (8,)) if arch == "mlp" else (cnn(), (1, 8, 8))
+    noise = LastBatch(every_n_steps=3, k=3)
+    trainer = fit(tmp_path, Classifier(net), random_data(64, shape), [noise])
+    (x, y), params = noise.seen
+    ref = mlp((8, 12, 4)) if arch == "mlp" else cnn()
+    ref.load_state_dict({k[len("net.") :]: v for k, v in params.items()})
+    grads = loop_grads(ref.double(), x.double(), y)
+    cov = torch.cov(grads.T)  # dense P x P reference
+    mean_sq = grads.mean(0).square().sum()
+    # float32 per-sample gradients against a float64 loop: 1e-5 relative
+    assert noise.last["lip/noise/trace"] == pytest.approx(cov.trace().item(), rel=1e-5)
+    assert noise.last["lip/noise/grad_norm_sq"] == pytest.approx(mean_sq.item(), rel=1e-5)
+    eig = torch.linalg.eigvalsh(cov).flip(0)
+    for i in range(3):
+        assert noise.last[f"lip/noise/eigenvalue_{i + 1}"] == pytest.approx(eig[i].item(), rel=1e-5)
+    # sampling without replacement does not enter the per-sample statistics, only the step's noise
+    unbiased = (mean_sq - cov.trace() / 16).item()
+    assert noise.last["lip/noise/grad_norm_sq_unbiased"] == pytest.approx(unbiased, rel=1e-4)
+    expected_scale = cov.trace().item() / unbiased if unbiased > 0 else math.inf  # random labels: noise dominates
+    assert noise.last["lip/noise/scale"] == pytest.approx(expected_scale, rel=1e-4)
+    registry = LipRegistry.of(trainer)
+    assert (
+        registry.get("noise/trace") == noise.last["lip/noise/trace"] and registry.step_of("noise/trace") == 2
+    )  # before step 3
+    layers = {"net.0", "net.2"} if arch == "mlp" else {"net.0", "net.2", "net.5"}
+    assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/snr/")} == layers
+    linear = {"net.0", "net.2"} if arch == "mlp" else {"net.5"}
+    assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")} == linear
+    assert all(registry.get(f"noise/diffusion/{name}") >= 0 for name in linear)
+
+
+def test_full_batch_step_is_predicted_to_third_order(tmp_path):
+    """A full-batch SGD step has no noise: the published drift of each sigma is its change up to O(eta^3)."""
+    errors = {}
+    for lr in [0.2, 0.1, 0.05]:
+        torch.manual_seed(0)
+        model = Classifier(mlp((8, 12, 4)).double(), lr=lr)
+        x, y = random_data(32, (8,)).tensors
+        data = TensorDataset(x.double(), y)
+        noise = GradientNoiseEstimator(every_n_steps=1, predict=False)
+        before = {}
+
+        class Observe(GradientNoiseEstimator):
+            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+                before.update({n: torch.linalg.matrix_norm(m.weight.detach(), 2) for n, m in noise._layers.items()})
+
+        trainer = Trainer(callbacks=[noise], **trainer_kwargs(tmp_path, max_steps=1))
+        trainer.fit(model, DataLoader(data, batch_size=32))
+        assert noise.last["lip/noise/diffusion/net.0"] == 0.0  # full batch: no sampling noise
+        # weights before the step from the published sigma and drift: compare against the weights after
+        torch.manual_seed(0)
+        start = mlp((8, 12, 4)).double()
+        errors[lr] = max(
+            abs(
+                torch.linalg.matrix_norm(model.net[int(name[-1])].weight.detach(), 2).item()
+                - torch.linalg.matrix_norm(start[int(name[-1])].weight.detach(), 2).item()
+                - noise.last[f"lip/noise/drift/{name}"]
+            )
+            for name in ("net.0", "net.2")
+        )
+    assert errors[0.1] < errors[0.2] / 6 and errors[0.05] < errors[0.1] / 6, errors  # O(eta^3): /8 per halving
+
+
+@pytest.mark.slow
+def test_zscores_are_standard_normal_on_digits(tmp_path):
+    """Stochastic prediction on real data: observed vs predicted change of each sigma and of log K."""
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    data = TensorDataset(torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y))
+    zs = []
+
+    class Record(GradientNoiseEstimator):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            zs.append({k: v for k, v in self._pending.items() if "zscore" in k})
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    torch.manual_seed(0)
+    model = Classifier(mlp((64, 64, 64, 10)), lr=0.05)
+    trainer = Trainer(callbacks=[Record(every_n_steps=2, max_samples=128)], **trainer_kwargs(tmp_path, max_epochs=12))
+    trainer.fit(model, DataLoader(data, batch_size=128, shuffle=True, drop_last=True))
+    zs = [z for z in zs if z]
+    assert len(zs) >= 80
+    for key in zs[0]:
+        z = torch.tensor([row[key] for row in zs])
+        # ~80 roughly independent draws: the mean of N(0, 1) has standard error 0.11, the std ~0.08
+        assert abs(z.mean()) < 0.3 and 0.75 < z.std() < 1.3, (key, z.mean(), z.std())
+
+
+def test_training_is_bit_identical_with_and_without_the_estimator(tmp_path):
+    def run(callbacks):
+        torch.manual_seed(0)
+        model = Classifier(nn.Sequential(nn.Linear(16, 12), nn.Dropout(0.3), nn.ReLU(), nn.Linear(12, 4)), momentum=0.9)
+        fit(tmp_path, model, random_data(64), callbacks, max_epochs=2)
+        return model
+
+    plain, measured = run([]), run([GradientNoiseEstimator(every_n_steps=1)])
+    for a, b in zip(plain.parameters(), measured.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_observation_precedes_the_projection(tmp_path):
+    """A projection registered first still runs after the observation: it cuts the weights by far more than the
+    step's noise, which would show as huge z-scores."""
+    zs = []
+
+    class Record(GradientNoiseEstimator):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            zs.extend(v for k, v in self._pending.items() if "zscore/" in k)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    class Halve(KappaBudgetProjection):
+        def allocate(self, sigmas):
+            return {name: 0.5 * sigma for name, sigma in sigmas.items()}
+
+    kappa = Halve(max_lipschitz=1e6)
+    fit(tmp_path, Classifier(mlp()), random_data(256), [kappa, Record(every_n_steps=1)], batch_size=32)
+    assert len(zs) == 3 * 7 and kappa.n_projections == 8
+    assert max(abs(z) for z in zs) < 6
+
+
+class NaNGradients(Classifier):
+    def lip_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1]) * float("nan")
+
+
+def test_nan_per_sample_gradients_and_batch_of_one_are_skipped(tmp_path):
+    noise = GradientNoiseEstimator(every_n_steps=1)
+    model = NaNGradients(mlp())
+    with pytest.warns(UserWarning, match="non-finite per-sample gradients"):
+        trainer = fit(tmp_path, model, random_data(64), [noise])
+    assert trainer.global_step == 4 and noise.n_skipped == 4 and "noise/trace" not in LipRegistry.of(trainer)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    single = GradientNoiseEstimator(every_n_steps=1)
+    with pytest.warns(UserWarning, match="batch size 1"):
+        fit(tmp_path, Classifier(mlp()), random_data(4), [single], batch_size=1)
+    assert single.n_skipped == 4
+
+
+def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
+    class AdamPartly(Classifier):
+        def __init__(self):
+            super().__init__(mlp())
+            self.net[0].requires_grad_(False)
+
+        def configure_optimizers(self):
+            return torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    class Record(GradientNoiseEstimator):
+        step_batches = []
+
+        def measure(self, trainer, pl_module, optimizer, batch, step_batch):
+            self.step_batches.append(step_batch)
+            return super().measure(trainer, pl_module, optimizer, batch, step_batch)
+
+    noise = Record(every_n_steps=2)
+    fit(tmp_path, AdamPartly(), random_data(64), [noise], max_epochs=2, accumulate_grad_batches=2)
+    assert noise.n_runs == 2 and set(noise._layers) == {"net.2", "net.4"}
+    assert math.isfinite(noise.last["lip/noise/log_lipschitz_drift"])
+    assert noise.step_batches == [pytest.approx(32 * 63 / (64 - 32))] * 2  # accumulated batch, without replacement
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = random_data(64)
+
+    def run(root, max_epochs, ckpt=None, callback=None):
+        torch.manual_seed(0)
+        callback = callback or GradientNoiseEstimator(every_n_steps=3)
+        trainer = Trainer(callbacks=[callback], **trainer_kwargs(root, max_epochs=max_epochs))
+        trainer.fit(Classifier(mlp(), momentum=0.9), loader(data), ckpt_path=ckpt)
+        return trainer, callback
+
+    _, full = run(tmp_path / "a", 4)
+    t1, _ = run(tmp_path / "b", 3)  # stops right after a measurement at step 12: a prediction is pending
+    t1.save_checkpoint(tmp_path / "c.ckpt")
+    torch.load(tmp_path / "c.ckpt", weights_only=True)
+    _, second = run(tmp_path / "b", 4, ckpt=tmp_path / "c.ckpt")
+    assert second.n_runs == full.n_runs == 5
+    assert second.last == pytest.approx(full.last | {"lip/noise/seconds": second.last["lip/noise/seconds"]})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(every_n_steps=0), "every_n_steps"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(max_samples=1), "max_samples"),
+        (dict(k=0), "`k`"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GradientNoiseEstimator(**kwargs)
+
+
+def test_unknown_layer_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="layers"):
+        fit(tmp_path, Classifier(mlp()), random_data(64), [GradientNoiseEstimator(layers=["net.9"])])
+
+
+@pytest.mark.slow
+def test_ddp_equals_single_process_on_the_global_batch(tmp_path):
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_noise.py", tmp_path)
+    assert rank0["last"] == rank1["last"]
+    net = mlp((8, 12, 4))
+    net.load_state_dict({k[len("net.") :]: v for k, v in rank0["params"].items()})
+    x, y = torch.cat([rank0["x"], rank1["x"]]), torch.cat([rank0["y"], rank1["y"]])
+    grads = loop_grads(net.double(), x.double(), y)
+    assert rank0["last"]["lip/noise/n_samples"] == 16
+    assert rank0["last"]["lip/noise/trace"] == pytest.approx(torch.cov(grads.T).trace().item(), rel=1e-5)
+    assert rank0["last"]["lip/noise/grad_norm_sq"] == pytest.approx(grads.mean(0).square().sum().item(), rel=1e-5)

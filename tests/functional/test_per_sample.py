@@ -1,0 +1,97 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_lip.functional.per_sample import per_sample_grads
+from tests.models import cnn, mlp
+
+
+def ce(module, batch):
+    x, y = batch
+    return F.cross_entropy(module(x), y)
+
+
+class TinyTransformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.block(x).mean(1))
+
+
+def loop_grads(module, batch):
+    """Reference: one backward per sample."""
+    x, y = batch
+    out = []
+    for i in range(x.shape[0]):
+        module.zero_grad()
+        ce(module, (x[i : i + 1], y[i : i + 1])).backward()
+        out.append({n: p.grad.clone() for n, p in module.named_parameters()})
+    return {n: torch.stack([o[n] for o in out]) for n in out[0]}
+
+
+CASES = {
+    "mlp": (lambda: mlp((6, 10, 10, 3)), (6,)),
+    "cnn": (lambda: cnn(2, 3), (2, 8, 8)),
+    "transformer": (TinyTransformer, (5, 8)),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_equals_python_loop_float64(case):
+    make, shape = CASES[case]
+    module = make().double().eval()
+    x = torch.randn(7, *shape, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,))
+    got = per_sample_grads(module, ce, (x, y))
+    chunked = per_sample_grads(module, ce, (x, y), chunk_size=3)
+    assert all(p.grad is None for p in module.parameters())  # .grad untouched
+    expected = loop_grads(module, (x, y))
+    assert set(got) == set(expected)
+    for name in expected:
+        # float64: both are exact up to rounding of a few hundred flops
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(chunked[name], got[name], rtol=1e-12, atol=1e-14)
+
+
+def test_params_subset_and_frozen_parameters_are_left_out():
+    module = mlp((4, 5, 3))
+    module[0].weight.requires_grad_(False)
+    x, y = torch.randn(4, 4), torch.randint(0, 3, (4,))
+    assert set(per_sample_grads(module, ce, (x, y))) == {"0.bias", "2.weight", "2.bias"}
+    only = per_sample_grads(module, ce, (x, y), params={"2.bias": module[2].bias.detach()})
+    assert set(only) == {"2.bias"} and only["2.bias"].shape == (4, 3)
+
+
+def test_batchnorm_eval_mode_works_train_mode_is_a_clear_error():
+    module = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3))
+    module(torch.randn(32, 4))  # running statistics
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    with pytest.raises(ValueError, match="BatchNorm.*training mode.*eval"):
+        per_sample_grads(module, ce, (x, y))
+    module.eval()
+    before = module[1].running_mean.clone()
+    got = per_sample_grads(module.double(), ce, (x.double(), y))
+    expected = loop_grads(module, (x.double(), y))
+    torch.testing.assert_close(got["1.weight"], expected["1.weight"], rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(module[1].running_mean, before.double())
+
+
+def test_bad_chunk_size_and_out_of_memory_name_chunk_size(monkeypatch):
+    module = mlp((4, 3))
+    batch = (torch.randn(2, 4), torch.randint(0, 3, (2,)))
+    with pytest.raises(ValueError, match="chunk_size"):
+        per_sample_grads(module, ce, batch, chunk_size=0)
+
+    def exhausted(*args, **kwargs):
+        def run(*a, **k):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 10 GB")
+
+        return run
+
+    monkeypatch.setattr(torch.func, "vmap", exhausted)
+    with pytest.raises(MemoryError, match="chunk_size"):
+        per_sample_grads(module, ce, batch, chunk_size=8)
