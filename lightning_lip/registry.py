@@ -24,6 +24,8 @@ KEYS: dict[str, str] = {
     "noise/diffusion/<layer>": "predicted variance of that change (float)",
     "noise/log_lipschitz_drift": "predicted mean change of log prod_l sigma_l over the next step (float)",
     "noise/log_lipschitz_std": "predicted standard deviation of that change, cross-layer terms included (float)",
+    "lr/throttle": "throttle s in [s_min, 1] of each param group (list of float)",
+    "lr/effective": "learning rate of each param group for the step, s * scheduled (list of float)",
 }
 
 

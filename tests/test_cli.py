@@ -2,7 +2,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_lip import GradientNoiseEstimator, HessianEigenMonitor, KappaBudgetProjection
+from lightning_lip import CurvatureLRController, GradientNoiseEstimator, HessianEigenMonitor, KappaBudgetProjection
 
 
 class TinyModel(LightningModule):
@@ -35,6 +35,12 @@ trainer:
         layers: [net]
         chunk_size: 16
         predict: false
+    - class_path: lightning_lip.CurvatureLRController
+      init_args:
+        mode: guard
+        s_min: 0.05
+        signal: hessian
+        skip_nonfinite: true
 """
     )
     cli = LightningCLI(TinyModel, run=False, args=["--config", str(config)], save_config_callback=None)
@@ -49,3 +55,10 @@ trainer:
     assert (monitor.every_n_steps, monitor.data, monitor.bn_mode) == (7, "current", "train")
     noise = next(c for c in cli.trainer.callbacks if isinstance(c, GradientNoiseEstimator))
     assert (noise.every_n_steps, noise.layers, noise.chunk_size, noise.predict) == (20, ["net"], 16, False)
+    controller = next(c for c in cli.trainer.callbacks if isinstance(c, CurvatureLRController))
+    assert (controller.mode, controller.s_min, controller.signal, controller.skip_nonfinite) == (
+        "guard",
+        0.05,
+        "hessian",
+        True,
+    )

@@ -46,6 +46,14 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"`{name}` must be a finite number {bound}, got {value!r}.")
 
 
+def check_fraction(name: str, value: float, closed: bool = True) -> None:
+    """Raise ``ValueError`` unless ``0 < value <= 1`` (``< 1`` unless ``closed``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and 0 < value and (value <= 1 if closed else value < 1)
+    if not ok:
+        raise ValueError(f"`{name}` must be a number in (0, 1{']' if closed else ')'}, got {value!r}.")
+
+
 def check_int(name: str, value: int, minimum: int) -> None:
     """Raise ``ValueError`` unless ``value`` is an integer ``>= minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

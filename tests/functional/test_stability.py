@@ -72,3 +72,30 @@ def test_linear_step_unknown_cases():
     assert linear_step(torch.optim.RMSprop([p]), p) is None
     assert linear_step(torch.optim.SGD([p], lr=0.1, maximize=True), p) is None
     assert linear_step(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), p) is None
+
+
+def run_adam_frozen(lr, beta1, lam=1.0, steps=3000):
+    """Adam on lam/2 theta^2 with its second moment frozen: started long ago (bias corrections = 1) at v = 0, and
+    gradients (1e-12) far below eps = 1, so the preconditioner is the constant eps. Returns |theta_T| / |theta_0|."""
+    theta = torch.nn.Parameter(torch.full((1,), 1e-12, dtype=torch.float64))
+    opt = torch.optim.Adam([theta], lr=lr, eps=1.0, betas=(beta1, 0.999))
+    opt.state[theta] = {
+        "step": torch.tensor(1e8),
+        "exp_avg": torch.zeros_like(theta),
+        "exp_avg_sq": torch.zeros_like(theta),
+    }
+    for _ in range(steps):
+        opt.zero_grad()
+        (0.5 * lam * theta**2).sum().backward()
+        opt.step()
+        if theta.abs().item() > 1e-9:  # grew 1000x while v is still negligible: diverging
+            return float("inf")
+    return theta.abs().item() / 1e-12
+
+
+@pytest.mark.parametrize("beta1", [0.9, 0.5, 0.0])
+def test_adam_threshold_on_the_preconditioned_quadratic(beta1):
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=(beta1, 0.999))
+    threshold = stability_threshold(opt, opt.param_groups[0])  # on lr * lambda / (sqrt(v_hat) + eps)
+    assert run_adam_frozen(0.99 * threshold, beta1) < 1e-3
+    assert run_adam_frozen(1.01 * threshold, beta1) == float("inf")

@@ -1,0 +1,338 @@
+r"""
+Curvature-aware learning-rate controller
+^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^^
+
+Throttles the learning rate so that :math:`\eta_{eff}\,L_G` stays under the optimizer's stability threshold, and
+gives the learning rate back to the user's schedule as soon as it is safe.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from lightning_lip.callbacks._common import WarnOnce, check_choice, check_fraction, check_int
+from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
+from lightning_lip.functional.stability import stability_threshold
+from lightning_lip.registry import LipRegistry
+
+
+@dataclass
+class ThrottleState:
+    """What the throttle policy knows about one param group.
+
+    Attributes:
+        throttle: current throttle ``s`` in ``[s_min, 1]``.
+        n_cuts: cuts so far (the policy lowered ``s``).
+        n_recoveries: recovery steps so far (the policy raised ``s``).
+        n_emergencies: emergency cuts on a non-finite loss or gradient.
+    """
+
+    throttle: float = 1.0
+    n_cuts: int = 0
+    n_recoveries: int = 0
+    n_emergencies: int = 0
+
+
+class CurvatureLRController(Callback):
+    r"""Keep :math:`\eta_{eff}\,\lambda_{max}` under the optimizer's stability threshold by throttling the LR.
+
+    Before every optimizer step, for each param group, the ratio :math:`r = \eta_{sched}\lambda_{max}/\tau` of the
+    scheduled learning rate times the curvature signal over the group's threshold :math:`\tau` (SGD 2, heavy ball
+    :math:`(2+2\beta)/(1-d)`, Nesterov :math:`(2+2\beta)/(1+2\beta)`, Adam/AdamW :math:`(2+2\beta_1)/(1-\beta_1)` on
+    the preconditioned Hessian; :meth:`threshold`) goes to :meth:`throttle`, which returns
+    :math:`s\in[s_{min}, 1]`; the step runs with :math:`\eta_{eff} = s\,\eta_{sched}` and the scheduled value is
+    restored right after it, so schedulers never see the throttle: chainable ones (StepLR, ExponentialLR) do not
+    compound it, closed-form ones (OneCycle, Lambda, Cosine) do not erase it, ReduceLROnPlateau works unchanged.
+
+    Signal (``signal``): ``"hessian"`` reads ``hessian/lambda_max`` from the registry (a
+    :class:`HessianEigenMonitor` must be in the Trainer); ``"probe"`` runs its own cheap one, a few warm-started
+    Lanczos steps on a fixed probe set every ``probe_every_n_steps`` steps (an internal
+    :class:`HessianEigenMonitor`, which publishes ``hessian/*`` itself); ``"auto"`` (default) picks ``"hessian"``
+    when a monitor is present, else ``"probe"``. The probe is preferred over the same-batch secant
+    :math:`\|\Delta g\|/\|\Delta\theta\|` of AdGD: the secant measures curvature along the last step only (a lower
+    bound of :math:`\lambda_{max}`) and, between mini-batches, mixes gradient noise into :math:`\Delta g`. Signals
+    older than ``max_age`` steps are ignored; without a signal the throttle holds. Under DDP the signal is reduced
+    with max, so every rank sets the same learning rate.
+
+    Default policy: ``mode="strict"`` keeps :math:`s\,r \le` ``margin`` (< 1); ``mode="guard"`` only acts above the
+    threshold (:math:`s\,r \le 1`) and leaves edge-of-stability dynamics alone. Above the bound: fast cut straight to
+    it; below ``hysteresis`` times the bound: slow multiplicative recovery by ``recovery`` per step, never past
+    the bound. A non-finite loss or gradient (any rank) multiplies ``s`` by ``emergency_factor``, and with
+    ``skip_nonfinite=True`` drops that step's update (gradients set to ``None``).
+
+    Logged: ``lip/lr/effective``, ``scheduled``, ``throttle``, ``ratio`` (:math:`s\,r`, effective), ``threshold``,
+    ``signal``, and the events ``n_cuts``, ``n_recoveries``, ``n_emergencies`` (with several param groups, for the
+    least stable one, plus ``lip/lr/throttle/group_<i>``). Registry: ``lr/throttle``, ``lr/effective`` (lists per
+    param group).
+
+    Args:
+        mode: ``"strict"`` or ``"guard"``.
+        margin: bound on :math:`s\,r` in strict mode, in ``(0, 1)``.
+        s_min: smallest throttle, in ``(0, 1]``.
+        recovery: multiplicative recovery per step, ``>= 1``.
+        hysteresis: recover only while :math:`s\,r` is below this fraction of the bound, in ``(0, 1]``.
+        emergency_factor: throttle multiplier on a non-finite loss or gradient, in ``(0, 1]``.
+        skip_nonfinite: drop the update of a step with a non-finite loss or gradient.
+        signal: ``"auto"``, ``"hessian"`` or ``"probe"``.
+        max_age: ignore signals older than this many steps, ``>= 0``.
+        probe_every_n_steps, probe_iterations, probe_samples: cadence, Lanczos steps (HVPs) and probe-set size of
+            the own probe.
+
+    Raises:
+        ValueError: if an argument is out of range, or at setup if ``signal="hessian"`` and no
+            :class:`HessianEigenMonitor` is among the Trainer's callbacks.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[HessianEigenMonitor(every_n_steps=20), CurvatureLRController()])
+    """
+
+    MODES = ("strict", "guard")
+    SIGNALS = ("auto", "hessian", "probe")
+
+    def __init__(
+        self,
+        mode: str = "strict",
+        margin: float = 0.9,
+        s_min: float = 0.01,
+        recovery: float = 1.05,
+        hysteresis: float = 0.8,
+        emergency_factor: float = 0.5,
+        skip_nonfinite: bool = False,
+        signal: str = "auto",
+        max_age: int = 500,
+        probe_every_n_steps: int = 20,
+        probe_iterations: int = 5,
+        probe_samples: int = 256,
+    ) -> None:
+        check_choice("mode", mode, self.MODES)
+        check_fraction("margin", margin, closed=False)
+        check_fraction("s_min", s_min)
+        if not (isinstance(recovery, (int, float)) and math.isfinite(recovery) and recovery >= 1):
+            raise ValueError(f"`recovery` must be a finite number >= 1, got {recovery!r}.")
+        check_fraction("hysteresis", hysteresis)
+        check_fraction("emergency_factor", emergency_factor)
+        check_choice("signal", signal, self.SIGNALS)
+        check_int("max_age", max_age, 0)
+        check_int("probe_every_n_steps", probe_every_n_steps, 1)
+        check_int("probe_iterations", probe_iterations, 2)
+        check_int("probe_samples", probe_samples, 1)
+        self.mode = mode
+        self.margin = margin
+        self.s_min = s_min
+        self.recovery = recovery
+        self.hysteresis = hysteresis
+        self.emergency_factor = emergency_factor
+        self.skip_nonfinite = skip_nonfinite
+        self.signal = signal
+        self.max_age = max_age
+        self.probe_every_n_steps = probe_every_n_steps
+        self.probe_iterations = probe_iterations
+        self.probe_samples = probe_samples
+
+        self.states: list[ThrottleState] = []
+        self._probe: HessianEigenMonitor | None = None
+        self._scheduled: list[float] | None = None
+        self._pending: dict[str, float] = {}
+        self._handles: list[Any] = []
+        self._warn = WarnOnce()
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(mode=self.mode, margin=self.margin, signal=self.signal)
+
+    @property
+    def bound(self) -> float:
+        """The bound the default policy keeps :math:`s\\,r` under: ``margin`` (strict) or 1 (guard)."""
+        return self.margin if self.mode == "strict" else 1.0
+
+    def threshold(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
+        """Stability threshold on :math:`\\eta\\lambda_{max}` for ``group``; ``None`` (no control) if unknown."""
+        return stability_threshold(optimizer, group)
+
+    def throttle(self, ratio: float, state: ThrottleState) -> float:
+        """The new throttle from the unthrottled ratio :math:`r = \\eta_{sched}\\lambda_{max}/\\tau` (finite, may be
+        ``<= 0``) and the group's ``state``; the result is clipped to ``[s_min, 1]``. Override to change the policy.
+        """
+        bound, s = self.bound, state.throttle
+        if ratio * s > bound:
+            return bound / ratio  # fast cut to the bound
+        if ratio * s < self.hysteresis * bound and s < 1.0:
+            return min(1.0, s * self.recovery, bound / ratio if ratio > 0 else 1.0)  # slow recovery
+        return s
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        monitors = [c for c in trainer.callbacks if isinstance(c, HessianEigenMonitor)]
+        if self.signal == "hessian" and not monitors:
+            raise ValueError(
+                "CurvatureLRController(signal='hessian') reads `hessian/lambda_max`: add a HessianEigenMonitor to "
+                "the Trainer's callbacks, or use signal='probe' (or 'auto') for the controller's own probe."
+            )
+        if self.signal == "probe" or (self.signal == "auto" and not monitors):
+            self._probe = self._probe or HessianEigenMonitor(
+                every_n_steps=self.probe_every_n_steps,
+                max_iter=self.probe_iterations,
+                tol=1e-2,
+                num_samples=self.probe_samples,
+                cold_every_n_runs=0,
+            )
+            rank_zero_info(
+                f"CurvatureLRController: no HessianEigenMonitor in use; its own probe measures lambda_max every "
+                f"{self.probe_every_n_steps} steps ({self.probe_iterations} HVPs on {self.probe_samples} samples)."
+            )
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.optimizers:
+            return
+        optimizer = trainer.optimizers[0]
+        if len(trainer.optimizers) > 1:
+            self._warn("optimizers", "CurvatureLRController controls the first optimizer only.")
+        if len(self.states) != len(optimizer.param_groups):
+            self.states = [ThrottleState() for _ in optimizer.param_groups]
+        self._handles = [
+            optimizer.register_step_pre_hook(partial(self._before_step, trainer)),
+            optimizer.register_step_post_hook(self._after_step),
+        ]
+        if self._probe is not None:
+            self._probe.on_fit_start(trainer, pl_module)
+
+    def _signal(self, trainer: Trainer) -> float | None:
+        """``lambda_max`` no older than ``max_age`` steps, max-reduced over ranks; ``None`` if absent or stale."""
+        registry = LipRegistry.of(trainer)
+        value = registry.get("hessian/lambda_max", max_age=self.max_age, step=trainer.global_step)
+        lam = math.nan if value is None else float(value)
+        if trainer.world_size > 1:
+            lam = float(trainer.strategy.reduce(torch.tensor(lam, dtype=torch.float64), reduce_op="max"))
+        return lam if math.isfinite(lam) else None
+
+    def _before_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        lam = self._signal(trainer)
+        self._scheduled = [float(group["lr"]) for group in optimizer.param_groups]
+        rows = []
+        for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
+            threshold = self.threshold(optimizer, group)
+            if threshold is None:
+                self._warn("threshold", f"No stability threshold is known for {type(optimizer).__name__}: no control.")
+            elif lam is not None:
+                self._update(state, lr * lam / threshold)
+            group["lr"] = lr * state.throttle
+            rows.append((lr, threshold, lam))
+        self._queue_logs(trainer, rows)
+
+    def _update(self, state: ThrottleState, ratio: float) -> None:
+        new = self.throttle(ratio, state)
+        new = min(1.0, max(self.s_min, new)) if math.isfinite(new) else state.throttle
+        if new < state.throttle:
+            state.n_cuts += 1
+        elif new > state.throttle:
+            state.n_recoveries += 1
+        state.throttle = new
+
+    def _after_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._scheduled is None:
+            return
+        for group, lr in zip(optimizer.param_groups, self._scheduled):
+            group["lr"] = lr
+        self._scheduled = None
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._scheduled is None or optimizer is not trainer.optimizers[0]:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        bad = float(not all(torch.isfinite(p.grad).all() for p in params))
+        if trainer.world_size > 1:
+            bad = float(trainer.strategy.reduce(torch.tensor(bad), reduce_op="max"))
+        if not bad:
+            return
+        self._warn("nonfinite", "CurvatureLRController: non-finite gradient; emergency cut of the learning rate.")
+        for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
+            state.throttle = max(self.s_min, state.throttle * self.emergency_factor)
+            state.n_emergencies += 1
+            group["lr"] = lr * state.throttle
+        if self.skip_nonfinite:
+            for p in params:
+                p.grad = None
+        self._pending["lip/lr/n_emergencies"] = float(sum(s.n_emergencies for s in self.states))
+
+    def _queue_logs(self, trainer: Trainer, rows: list[tuple[float, float | None, float | None]]) -> None:
+        """Metrics of the least stable group (per-group throttles too with several groups); registry entries."""
+
+        def effective_ratio(i: int) -> float:
+            lr, threshold, lam = rows[i]
+            return -math.inf if threshold is None or lam is None else lr * self.states[i].throttle * lam / threshold
+
+        worst = max(range(len(rows)), key=effective_ratio)
+        lr, threshold, lam = rows[worst]
+        state = self.states[worst]
+        metrics = {
+            "lip/lr/effective": lr * state.throttle,
+            "lip/lr/scheduled": lr,
+            "lip/lr/throttle": state.throttle,
+            "lip/lr/n_cuts": float(sum(s.n_cuts for s in self.states)),
+            "lip/lr/n_recoveries": float(sum(s.n_recoveries for s in self.states)),
+        }
+        if threshold is not None:
+            metrics["lip/lr/threshold"] = threshold
+        if lam is not None and threshold is not None:
+            metrics["lip/lr/signal"] = lam
+            metrics["lip/lr/ratio"] = effective_ratio(worst)
+        if len(rows) > 1:
+            metrics |= {f"lip/lr/throttle/group_{i}": s.throttle for i, s in enumerate(self.states)}
+        self._pending |= metrics
+        registry = LipRegistry.of(trainer)
+        registry.publish("lr/throttle", [s.throttle for s in self.states], trainer.global_step)
+        registry.publish("lr/effective", [r[0] * s.throttle for r, s in zip(rows, self.states)], trainer.global_step)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._probe is not None:
+            self._probe.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self._pending:
+            pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
+            self._pending = {}
+
+    @override
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._remove_hooks()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "states": [vars(s).copy() for s in self.states],
+            "probe": None if self._probe is None else self._probe.state_dict(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.states = [ThrottleState(**s) for s in state_dict["states"]]
+        if state_dict["probe"] is not None and self._probe is not None:  # setup() has run: the probe exists
+            self._probe.load_state_dict(state_dict["probe"])

@@ -1,0 +1,256 @@
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
+from tests.models import Classifier, loader, mlp, random_data, trainer_kwargs
+
+
+class RecordingSGD(torch.optim.SGD):
+    """Records the learning rate of every param group at the moment the update is applied."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.used = []
+
+    def step(self, closure=None):
+        loss = super().step(closure)  # the closure runs inside: the update happens after it, with these LRs
+        self.used.append([g["lr"] for g in self.param_groups])
+        return loss
+
+
+class FixedSignal(HessianEigenMonitor):
+    """A monitor that publishes a prescribed lambda_max before every step (``lam(step)``)."""
+
+    def __init__(self, lam):
+        super().__init__(every_n_steps=1)
+        self.lam = lam
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        LipRegistry.of(trainer).publish("hessian/lambda_max", self.lam(trainer.global_step), trainer.global_step)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        pass
+
+
+class Half(CurvatureLRController):
+    def throttle(self, ratio, state):
+        return 0.5
+
+
+class Scheduled(Classifier):
+    def __init__(self, schedule, lr=0.1):
+        super().__init__(mlp(), lr=lr)
+        self.schedule = schedule
+        self.last_lrs = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("plateau_metric", 1.0)  # independent of training: both twins take the same plateau decisions
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.last_lrs.append(list(self.lr_schedulers().get_last_lr()))
+
+    def configure_optimizers(self):
+        opt = RecordingSGD(self.parameters(), lr=self.lr, momentum=0.9)
+        schedulers = {
+            "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+            "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=16),
+            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16),
+            "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
+            "exponential": lambda: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
+            "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5),
+        }
+        config = {"scheduler": schedulers[self.schedule](), "interval": "step"}
+        if self.schedule == "plateau":
+            config["monitor"] = "plateau_metric"
+        return {"optimizer": opt, "lr_scheduler": config}
+
+
+def fit(tmp_path, model, callbacks, data=None, batch_size=16, **kw):
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
+    trainer.fit(model, loader(data or random_data(64), batch_size))
+    return trainer
+
+
+@pytest.mark.parametrize("schedule", ["step", "onecycle", "cosine", "lambda", "exponential", "plateau"])
+def test_scheduler_twin_sees_the_schedule_and_the_optimizer_half_of_it(tmp_path, schedule):
+    def run(callbacks):
+        torch.manual_seed(0)
+        model = Scheduled(schedule)
+        fit(tmp_path, model, callbacks, max_epochs=4)
+        return model.optimizers().optimizer.used, model.last_lrs
+
+    used_twin, last_twin = run([])
+    used, last = run([FixedSignal(lambda step: 1.0), Half()])
+    assert len(used) == len(used_twin) == 16
+    assert used == [[0.5 * lr for lr in row] for row in used_twin]  # exact: halving is exact in binary
+    assert last == last_twin
+    assert len(set(map(tuple, last))) > 1  # the schedule moved
+
+
+def test_strict_cuts_to_the_margin_and_recovers_slowly_with_hysteresis(tmp_path):
+    lam = lambda step: 40.0 if step < 6 else 1.0  # noqa: E731  lr 0.1: ratio 2.0, then 0.05
+    controller = CurvatureLRController(margin=0.9, recovery=1.5, hysteresis=0.8)
+    model = Classifier(mlp(), lr=0.1)
+    model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
+    fit(tmp_path, model, [FixedSignal(lam), controller], data=random_data(256))
+    used = [row[0] for row in model.optimizers().optimizer.used]
+    assert used[:6] == pytest.approx([0.1 * 0.9 / 2.0] * 6, rel=1e-12)  # fast cut straight to the margin
+    s = 0.45
+    for lr in used[6:]:
+        s = min(1.0, s * 1.5)
+        assert lr == pytest.approx(0.1 * s, rel=1e-12)  # slow multiplicative recovery, back to the schedule
+    assert used[-1] == 0.1
+    state = controller.states[0]
+    assert (state.n_cuts, state.n_recoveries, state.throttle) == (1, 2, 1.0)
+
+
+def test_guard_leaves_the_edge_of_stability_alone_and_acts_above_the_threshold(tmp_path):
+    def run(lam_value):
+        controller = CurvatureLRController(mode="guard")
+        model = Classifier(mlp(), lr=0.1)
+        model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
+        fit(tmp_path, model, [FixedSignal(lambda step: lam_value), controller])
+        return [row[0] for row in model.optimizers().optimizer.used]
+
+    assert run(19.5) == [0.1] * 4  # eta * lambda = 1.95 < 2: untouched (strict would cut to 0.9 * 2)
+    assert run(40.0) == pytest.approx([0.05] * 4, rel=1e-12)  # eta * lambda = 4: cut to the threshold
+
+
+def test_stale_nan_and_negative_signals_never_produce_a_bad_learning_rate(tmp_path):
+    values = iter([float("nan"), -5.0, float("inf"), 1e30, 0.0, 1e-30, 40.0, 40.0])
+    controller = CurvatureLRController(s_min=0.01)
+    model = Classifier(mlp(), lr=0.1)
+    model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
+    fit(tmp_path, model, [FixedSignal(lambda step: next(values)), controller], data=random_data(128))
+    used = [row[0] for row in model.optimizers().optimizer.used]
+    assert all(math.isfinite(lr) and lr > 0 for lr in used)
+    assert used[3] == pytest.approx(0.1 * 0.01)  # 1e30 hits s_min, not zero
+    stale = CurvatureLRController(max_age=2)
+
+    class Once(FixedSignal):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 0:
+                super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+
+    model = Classifier(mlp(), lr=0.1)
+    model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
+    fit(tmp_path, model, [Once(lambda step: 40.0), stale], data=random_data(128))
+    used = [row[0] for row in model.optimizers().optimizer.used]
+    assert used[:3] == pytest.approx([0.045] * 3) and used[3:] == used[2:3] * 5  # aged out at step 3: holds
+
+
+class NaNAt(Classifier):
+    def __init__(self, nan_step):
+        super().__init__(mlp(), lr=0.1)
+        self.nan_step = nan_step
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step == self.nan_step else loss
+
+    def configure_optimizers(self):
+        return RecordingSGD(self.parameters(), lr=self.lr)
+
+
+def test_nonfinite_gradient_emergency_cut_and_optional_skip(tmp_path):
+    controller = CurvatureLRController(skip_nonfinite=True, emergency_factor=0.25)
+    model = NaNAt(2)
+    with pytest.warns(UserWarning, match="non-finite gradient"):
+        fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], data=random_data(128))
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    used = [row[0] for row in model.optimizers().optimizer.used]
+    assert used[2] == pytest.approx(0.025) and used[3] == pytest.approx(0.025 * 1.05)
+    assert controller.states[0].n_emergencies == 1
+
+
+def test_multiple_param_groups_are_throttled_separately(tmp_path):
+    class TwoGroups(Classifier):
+        def configure_optimizers(self):
+            return RecordingSGD(
+                [{"params": self.net[0].parameters(), "lr": 0.01}, {"params": self.net[2:].parameters(), "lr": 0.1}]
+            )
+
+    model = TwoGroups(mlp())
+    controller = CurvatureLRController(margin=0.5)
+    fit(tmp_path, model, [FixedSignal(lambda step: 20.0), controller])  # ratios 0.1 and 1.0
+    assert model.optimizers().optimizer.used[-1] == pytest.approx([0.01, 0.05])
+    assert [s.throttle for s in controller.states] == pytest.approx([1.0, 0.5])
+
+
+def test_adam_uses_its_threshold(tmp_path):
+    class AdamModel(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1.0)
+
+    controller = CurvatureLRController(margin=0.5)
+    fit(tmp_path, AdamModel(mlp()), [FixedSignal(lambda step: 76.0), controller])  # threshold 38: ratio 2
+    assert controller.states[0].throttle == pytest.approx(0.25)
+
+
+def test_no_signal_is_a_clear_error_or_the_probe(tmp_path):
+    with pytest.raises(ValueError, match="add a HessianEigenMonitor"):
+        fit(tmp_path, Classifier(mlp()), [CurvatureLRController(signal="hessian")])
+    controller = CurvatureLRController(probe_every_n_steps=2, probe_iterations=10)
+    model = Classifier(mlp(), lr=5.0)  # far beyond 2 / lambda_max
+    trainer = fit(tmp_path, model, [controller], data=random_data(128), max_steps=3)
+    lam = LipRegistry.of(trainer).get("hessian/lambda_max")  # measured after step 2, used by step 3
+    assert LipRegistry.of(trainer).step_of("hessian/lambda_max") == 2
+    assert lam is not None and controller.states[0].throttle == pytest.approx(0.9 * 2 / (5.0 * lam), rel=1e-9)
+
+
+def test_resume_continues_exactly(tmp_path):
+    data = random_data(64)
+
+    def run(root, max_epochs, ckpt=None):
+        torch.manual_seed(0)
+        controller = CurvatureLRController(probe_every_n_steps=3, probe_samples=32)
+        model = Classifier(mlp(), lr=20.0, momentum=0.5)
+        trainer = Trainer(callbacks=[controller], **trainer_kwargs(root, max_epochs=max_epochs))
+        trainer.fit(model, loader(data), ckpt_path=ckpt)
+        return trainer, controller, model
+
+    _, full, full_model = run(tmp_path / "a", 4)
+    t1, _, _ = run(tmp_path / "b", 2)
+    t1.save_checkpoint(tmp_path / "c.ckpt")
+    torch.load(tmp_path / "c.ckpt", weights_only=True)
+    _, second, model = run(tmp_path / "b", 4, ckpt=tmp_path / "c.ckpt")
+    assert full.states[0].n_cuts > 0 and second.states == full.states
+    for a, b in zip(full_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(mode="loose"), "mode"),
+        (dict(margin=1.0), "margin"),
+        (dict(margin=0.0), "margin"),
+        (dict(s_min=0.0), "s_min"),
+        (dict(s_min=1.5), "s_min"),
+        (dict(recovery=0.9), "recovery"),
+        (dict(hysteresis=float("nan")), "hysteresis"),
+        (dict(emergency_factor=0.0), "emergency_factor"),
+        (dict(signal="secant"), "signal"),
+        (dict(max_age=-1), "max_age"),
+        (dict(probe_iterations=1), "probe_iterations"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CurvatureLRController(**kwargs)
+
+
+@pytest.mark.slow
+def test_ddp_every_rank_uses_the_same_learning_rate(tmp_path):
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_lr.py", tmp_path)
+    assert rank0["used"] == rank1["used"] and len(rank0["used"]) == 4
+    assert rank0["used"][-1][0] == pytest.approx(0.1 * 0.9 * 2 / (0.1 * 40.0))  # the max over ranks decided
+    for key in rank0["params"]:
+        assert torch.equal(rank0["params"][key], rank1["params"][key])
