@@ -15,6 +15,7 @@ KEYS: dict[str, str] = {
     "hessian/lambda_min": "bottom eigenvalue of the same operator (float)",
     "hessian/eigenvector": "flat top eigenvector over the trainable parameters (tensor [P])",
     "hessian/residual": "Ritz residual bound of lambda_max (float)",
+    "hessian/density": "SpectralDensity (SLQ nodes and weights) of the same operator, with density=True",
     "hessian/preconditioned": "whether the hessian/* values are of Adam's preconditioned Hessian (bool)",
     "noise/trace": "trace of the per-sample gradient covariance Sigma (float)",
     "noise/grad_norm_sq": "squared norm of the mean gradient of the batch (float)",

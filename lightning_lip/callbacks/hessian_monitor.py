@@ -31,7 +31,7 @@ from lightning_lip.callbacks._common import (
     tensorboard_writer,
 )
 from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
-from lightning_lip.functional.lanczos import lanczos
+from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
 from lightning_lip.functional.stability import adam_preconditioner, is_preconditioned, stability_threshold
 from lightning_lip.registry import LipRegistry
 
@@ -56,7 +56,9 @@ class HessianEigenMonitor(Callback):
     (:math:`\eta\lambda_{max}`), ``threshold`` and ``stability_ratio`` (their quotient, unstable above 1). With a
     ``TensorBoardLogger``, a custom-scalars chart of ``eta_lambda_max`` against ``threshold``. Registry:
     ``hessian/lambda_max``, ``hessian/lambda_min``, ``hessian/eigenvector`` (flat), ``hessian/residual``,
-    ``hessian/preconditioned``.
+    ``hessian/preconditioned``, and with ``density=True`` ``hessian/density`` (a
+    :class:`~lightning_lip.functional.lanczos.SpectralDensity`, also the TensorBoard histogram
+    ``lip/hessian/density``).
 
     Args:
         every_n_steps: measure every this many optimizer steps, ``>= 1``.
@@ -68,6 +70,9 @@ class HessianEigenMonitor(Callback):
         bn_mode: ``"eval"`` or ``"train"`` BatchNorm statistics during the measurement.
         warm_mix: weight of fresh noise mixed into the warm start, ``>= 0``.
         cold_every_n_runs: start cold every this many runs (``0``: only the first).
+        density: also estimate the spectral density by stochastic Lanczos quadrature (``density_vectors`` x
+            ``max_iter`` more HVPs), published as ``hessian/density`` and drawn as a TensorBoard histogram.
+        density_vectors: random vectors of the density estimate, ``>= 1``.
 
     Raises:
         ValueError: if an argument is out of range.
@@ -92,6 +97,8 @@ class HessianEigenMonitor(Callback):
         bn_mode: str = "eval",
         warm_mix: float = 0.1,
         cold_every_n_runs: int = 10,
+        density: bool = False,
+        density_vectors: int = 1,
     ) -> None:
         check_int("every_n_steps", every_n_steps, 1)
         check_int("k", k, 1)
@@ -102,6 +109,7 @@ class HessianEigenMonitor(Callback):
         check_choice("bn_mode", bn_mode, self.BN_MODES)
         check_positive("warm_mix", warm_mix, allow_zero=True)
         check_int("cold_every_n_runs", cold_every_n_runs, 0)
+        check_int("density_vectors", density_vectors, 1)
         self.every_n_steps = every_n_steps
         self.k = k
         self.max_iter = max_iter
@@ -111,6 +119,8 @@ class HessianEigenMonitor(Callback):
         self.bn_mode = bn_mode
         self.warm_mix = warm_mix
         self.cold_every_n_runs = cold_every_n_runs
+        self.density = density
+        self.density_vectors = density_vectors
 
         self.n_runs = 0
         self.n_skipped = 0
@@ -185,6 +195,11 @@ class HessianEigenMonitor(Callback):
             result = lanczos(
                 matvec, v0, k=self.k, max_iter=self.max_iter, tol=self.tol, require_min=True, generator=self._generator
             )
+            density = None
+            if self.density and math.isfinite(result.eigenvalues[0].item()):
+                density = slq_density(
+                    matvec, v0.numel(), self.density_vectors, self.max_iter, v0.dtype, v0.device, self._generator
+                )
         self.n_runs += 1
         lam_max = result.eigenvalues[0].item()
         if not math.isfinite(lam_max):
@@ -212,7 +227,29 @@ class HessianEigenMonitor(Callback):
         registry.publish("hessian/eigenvector", self._eigenvector, step)
         registry.publish("hessian/residual", metrics["lip/hessian/residual"], step)
         registry.publish("hessian/preconditioned", preconditioned, step)
+        if density is not None:
+            registry.publish("hessian/density", density, step)
+            self._write_density(trainer, density)
         return metrics
+
+    def _write_density(self, trainer: Trainer, density: SpectralDensity) -> None:
+        """The spectral density as a TensorBoard histogram (mass per eigenvalue bin) under ``lip/hessian/density``."""
+        writer = tensorboard_writer(trainer)
+        if writer is None:
+            return
+        edges, mass = density.histogram(bins=64)
+        centres = (edges[1:] + edges[:-1]) / 2
+        writer.add_histogram_raw(
+            "lip/hessian/density",
+            min=edges[0].item(),
+            max=edges[-1].item(),
+            num=mass.sum().item(),
+            sum=(mass * centres).sum().item(),
+            sum_squares=(mass * centres * centres).sum().item(),
+            bucket_limits=edges[1:].tolist(),
+            bucket_counts=mass.tolist(),
+            global_step=trainer.global_step,
+        )
 
     def _stability(self, optimizer: torch.optim.Optimizer | None, lam_max: float) -> dict[str, float]:
         """``lr * lambda_max`` against the threshold, for the param group closest to instability."""

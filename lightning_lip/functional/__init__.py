@@ -1,6 +1,18 @@
 """Pure torch math, no Lightning imports: testable on bare tensors."""
 
-from lightning_lip.functional.lanczos import LanczosResult, lanczos
+from lightning_lip.functional.lanczos import LanczosResult, SpectralDensity, lanczos, slq_density
+from lightning_lip.functional.noise import (
+    NoiseStatistics,
+    SigmaDynamics,
+    layer_snr,
+    lipschitz_forecast,
+    log_lipschitz_dynamics,
+    noise_factor,
+    noise_statistics,
+    sigma_dynamics,
+    sigma_hessian,
+)
+from lightning_lip.functional.per_sample import per_sample_grads
 from lightning_lip.functional.spectral import (
     SingularTriplet,
     lanczos_svd,
@@ -11,16 +23,32 @@ from lightning_lip.functional.spectral import (
     proportional_budget,
     uniform_budget,
 )
+from lightning_lip.functional.stability import LinearStep, linear_step, stability_threshold
 
 __all__ = [
     "LanczosResult",
+    "LinearStep",
+    "NoiseStatistics",
+    "SigmaDynamics",
     "SingularTriplet",
+    "SpectralDensity",
     "lanczos",
     "lanczos_svd",
     "layer_operator",
+    "layer_snr",
+    "linear_step",
+    "lipschitz_forecast",
+    "log_lipschitz_dynamics",
+    "noise_factor",
+    "noise_statistics",
     "operator_norm",
+    "per_sample_grads",
     "power_iteration",
     "projection_scale",
     "proportional_budget",
+    "sigma_dynamics",
+    "sigma_hessian",
+    "slq_density",
+    "stability_threshold",
     "uniform_budget",
 ]

@@ -1,7 +1,9 @@
+import math
+
 import pytest
 import torch
 
-from lightning_lip.functional.lanczos import lanczos
+from lightning_lip.functional.lanczos import lanczos, slq_density
 
 
 def random_symmetric(n, seed, dtype=torch.float64):
@@ -84,3 +86,37 @@ def test_warm_start_follows_a_changed_top_direction():
     v0 = Q[:, 0] + 0.1 * noise / noise.norm()
     res = lanczos(lambda x: A_new @ x, v0, max_iter=32, tol=1e-8)
     assert res.eigenvalues[0].item() == pytest.approx(3.1, rel=1e-8)
+
+
+def test_quadrature_is_exact_for_low_degree_polynomials():
+    """Gauss quadrature of m Lanczos steps integrates x^p exactly for p < 2m: q0^T A^p q0, to rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(60, 60, generator=g, dtype=torch.float64))
+    A = q @ torch.diag(torch.linspace(-1, 2, 60, dtype=torch.float64)) @ q.T
+    v = torch.randn(60, generator=g, dtype=torch.float64)
+    res = lanczos(lambda x: A @ x, v, max_iter=8, tol=math.inf, min_iter=8)
+    q0 = v / v.norm()
+    assert res.weights.sum().item() == pytest.approx(1.0, abs=1e-12)
+    for p in range(16):
+        exact = q0 @ torch.linalg.matrix_power(A, p) @ q0
+        assert (res.weights * res.nodes**p).sum().item() == pytest.approx(exact.item(), abs=1e-10)
+
+
+def test_slq_density_matches_the_exact_spectrum():
+    g = torch.Generator().manual_seed(1)
+    n = 400
+    eigs = torch.cat([torch.randn(300, generator=g) * 0.1, 3 + torch.randn(100, generator=g) * 0.2]).double()
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    A = q @ torch.diag(eigs) @ q.T
+    density = slq_density(lambda x: A @ x, n, n_vectors=20, n_steps=40, generator=g)
+    grid = torch.linspace(-1, 4, 201, dtype=torch.float64)
+    exact = torch.exp(-0.5 * ((grid[:, None] - eigs) / 0.2) ** 2).sum(1) / (n * 0.2 * math.sqrt(2 * math.pi))
+    got = density.smoothed(grid, 0.2)
+    # Hutchinson-type estimate with 20 vectors: trace errors ~ 1/sqrt(20 n); 5% of the peak is a ~4 sigma bound
+    assert (got - exact).abs().max() < 0.05 * exact.max()
+    assert torch.trapezoid(got, grid).item() == pytest.approx(1.0, abs=1e-3)
+    assert (density.nodes.max() - eigs.max()).abs() < 1e-6  # 40 steps resolve the extremes
+    edges, mass = density.histogram(bins=10)
+    assert mass.sum().item() == pytest.approx(1.0, abs=1e-12) and edges.shape == (11,)
+    high = mass[edges[:-1] >= 2.0].sum().item()
+    assert high == pytest.approx(0.25, abs=0.03)  # a quarter of the eigenvalues sit near 3
