@@ -73,6 +73,9 @@ class HessianEigenMonitor(Callback):
         density: also estimate the spectral density by stochastic Lanczos quadrature (``density_vectors`` x
             ``max_iter`` more HVPs), published as ``hessian/density`` and drawn as a TensorBoard histogram.
         density_vectors: random vectors of the density estimate, ``>= 1``.
+        converge_min: hold Lanczos until :math:`\lambda_{min}` meets the stopping rule too (more HVPs; without it
+            ``lambda_min`` is the best estimate when :math:`\lambda_{max}` converged, with its residual logged as
+            ``residual_min``).
 
     Raises:
         ValueError: if an argument is out of range.
@@ -88,7 +91,7 @@ class HessianEigenMonitor(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 100,
+        every_n_steps: int = 200,
         k: int = 1,
         max_iter: int = 30,
         tol: float = 1e-3,
@@ -99,6 +102,7 @@ class HessianEigenMonitor(Callback):
         cold_every_n_runs: int = 10,
         density: bool = False,
         density_vectors: int = 1,
+        converge_min: bool = False,
     ) -> None:
         check_int("every_n_steps", every_n_steps, 1)
         check_int("k", k, 1)
@@ -121,6 +125,7 @@ class HessianEigenMonitor(Callback):
         self.cold_every_n_runs = cold_every_n_runs
         self.density = density
         self.density_vectors = density_vectors
+        self.converge_min = converge_min
 
         self.n_runs = 0
         self.n_skipped = 0
@@ -193,7 +198,13 @@ class HessianEigenMonitor(Callback):
             matvec = self._distributed(trainer, hvp, float(sum(sizes)), scaling)
             v0 = self._start_vector(sum(p.numel() for p in params.values()), params)
             result = lanczos(
-                matvec, v0, k=self.k, max_iter=self.max_iter, tol=self.tol, require_min=True, generator=self._generator
+                matvec,
+                v0,
+                k=self.k,
+                max_iter=self.max_iter,
+                tol=self.tol,
+                require_min=self.converge_min,
+                generator=self._generator,
             )
             density = None
             if self.density and math.isfinite(result.eigenvalues[0].item()):
@@ -211,6 +222,7 @@ class HessianEigenMonitor(Callback):
             "lip/hessian/lambda_max": lam_max,
             "lip/hessian/lambda_min": result.lambda_min.item(),
             "lip/hessian/residual": result.residuals[0].item(),
+            "lip/hessian/residual_min": result.residual_min.item(),
             "lip/hessian/n_hvp": float(result.n_matvec),
             "lip/hessian/converged": float(result.converged),
             "lip/hessian/n_skipped": float(self.n_skipped),

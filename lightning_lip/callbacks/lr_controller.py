@@ -111,9 +111,9 @@ class CurvatureLRController(Callback):
         skip_nonfinite: bool = False,
         signal: str = "auto",
         max_age: int = 500,
-        probe_every_n_steps: int = 20,
+        probe_every_n_steps: int = 50,
         probe_iterations: int = 5,
-        probe_samples: int = 256,
+        probe_samples: int = 64,
     ) -> None:
         check_choice("mode", mode, self.MODES)
         check_fraction("margin", margin, closed=False)
@@ -221,6 +221,8 @@ class CurvatureLRController(Callback):
         return lam if math.isfinite(lam) else None
 
     def _before_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._scheduled is not None:  # an optimizer subclass whose step() calls super().step(): hooks run twice
+            return
         lam = self._signal(trainer)
         self._scheduled = [float(group["lr"]) for group in optimizer.param_groups]
         rows = []

@@ -40,7 +40,7 @@ def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
     net, shape = (mlp((8, 12, 12, 4)), (8,)) if arch == "mlp" else (cnn(), (1, 8, 8))
     model = Float64Classifier(net.to(dtype), lr=0.1) if dtype == torch.float64 else Classifier(net, lr=0.1)
     tol = 1e-6 if dtype == torch.float64 else 1e-4
-    monitor = HessianEigenMonitor(every_n_steps=2, max_iter=400, tol=tol, num_samples=32)
+    monitor = HessianEigenMonitor(every_n_steps=2, max_iter=400, tol=tol, num_samples=32, converge_min=True)
     fit(tmp_path, model, random_data(32, shape, seed=seed), [monitor])
     # the last measurement (step 2) saw the parameters of step 2 = the final ones
     xs, ys = probe_tensors(monitor)
@@ -63,7 +63,9 @@ class BNDropout(Classifier):
 def test_batchnorm_and_dropout_against_dense(tmp_path, bn_mode):
     model = BNDropout().double()
     data = torch.utils.data.TensorDataset(torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,)))
-    monitor = HessianEigenMonitor(every_n_steps=1, max_iter=200, tol=1e-8, num_samples=16, bn_mode=bn_mode)
+    monitor = HessianEigenMonitor(
+        every_n_steps=1, max_iter=200, tol=1e-8, num_samples=16, bn_mode=bn_mode, converge_min=True
+    )
     trainer = Trainer(callbacks=[monitor], **trainer_kwargs(tmp_path, max_steps=1))
     trainer.fit(model, loader(data, batch_size=16))
     reference = model.net
@@ -116,7 +118,7 @@ class AdamClassifier(Float64Classifier):
 
 def test_adam_uses_preconditioned_hessian(tmp_path):
     model = AdamClassifier(mlp((5, 6, 3)).double())
-    monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16)
+    monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16, converge_min=True)
     trainer = fit(tmp_path, model, random_data(16, (5,), classes=3), [monitor], max_epochs=2)
     opt = trainer.optimizers[0]
     v_hat = torch.cat(

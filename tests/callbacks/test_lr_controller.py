@@ -8,17 +8,13 @@ from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistr
 from tests.models import Classifier, loader, mlp, random_data, trainer_kwargs
 
 
-class RecordingSGD(torch.optim.SGD):
-    """Records the learning rate of every param group at the moment the update is applied."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.used = []
-
-    def step(self, closure=None):
-        loss = super().step(closure)  # the closure runs inside: the update happens after it, with these LRs
-        self.used.append([g["lr"] for g in self.param_groups])
-        return loss
+def RecordingSGD(*args, **kwargs):  # noqa: N802
+    """SGD that records the learning rate of every param group at each update: a step post-hook registered before
+    the controller's (which restores the scheduled value) sees the rate the update used."""
+    optimizer = torch.optim.SGD(*args, **kwargs)
+    optimizer.used = []
+    optimizer.register_step_post_hook(lambda opt, a, k: opt.used.append([g["lr"] for g in opt.param_groups]))
+    return optimizer
 
 
 class FixedSignal(HessianEigenMonitor):
@@ -254,3 +250,22 @@ def test_ddp_every_rank_uses_the_same_learning_rate(tmp_path):
     assert rank0["used"][-1][0] == pytest.approx(0.1 * 0.9 * 2 / (0.1 * 40.0))  # the max over ranks decided
     for key in rank0["params"]:
         assert torch.equal(rank0["params"][key], rank1["params"][key])
+
+
+def test_an_optimizer_subclass_calling_super_step_is_throttled_once(tmp_path):
+    class Wrapped(torch.optim.SGD):
+        def step(self, closure=None):
+            return super().step(closure)  # hooks run for Wrapped.step and again for SGD.step
+
+    torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))])  # SGD.step is hooked once any SGD exists
+    model = Classifier(mlp(), lr=0.1)
+    seen = []
+
+    def make():
+        opt = Wrapped(model.parameters(), lr=0.1)
+        opt.register_step_post_hook(lambda o, a, k: seen.append(o.param_groups[0]["lr"]))
+        return opt
+
+    model.configure_optimizers = make
+    fit(tmp_path, model, [FixedSignal(lambda step: 1.0), Half()])
+    assert seen[0::2] == [0.05] * 4 and model.optimizers().optimizer.param_groups[0]["lr"] == 0.1

@@ -16,7 +16,7 @@ if __name__ == "__main__":
     model = Classifier(mlp((8, 12, 12, 4)), lr=0.1)
     # 64 samples, 2 ranks, batch 8: 4 steps an epoch; the probe is each rank's first 16 samples; the last
     # measurement (step 4) sees the final parameters.
-    monitor = HessianEigenMonitor(every_n_steps=2, num_samples=16, tol=1e-6, max_iter=200)
+    monitor = HessianEigenMonitor(every_n_steps=2, num_samples=16, tol=1e-6, max_iter=200, converge_min=True)
     trainer = Trainer(**ddp_trainer_kwargs(callbacks=[monitor]))
     trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))
     torch.save(
