@@ -31,7 +31,6 @@ from lightning_lip.callbacks._common import (
 from lightning_lip.functional._stateless import trainable_parameters
 from lightning_lip.functional.noise import (
     centred,
-    layer_snr,
     log_lipschitz_dynamics,
     noise_statistics,
     sigma_dynamics,
@@ -99,7 +98,7 @@ class GradientNoiseEstimator(Callback):
 
     def __init__(
         self,
-        every_n_steps: int = 50,
+        every_n_steps: int = 100,
         layers: list[str] | None = None,
         chunk_size: int | None = None,
         max_samples: int = 128,
@@ -123,7 +122,7 @@ class GradientNoiseEstimator(Callback):
         self.last: dict[str, float] = {}
         self._layers: dict[str, nn.Module] = {}
         self._batch: Any = None
-        self._sample: dict[str, Tensor] | None = None  # per-sample weight gradients kept for the next prediction
+        self._sample: dict[str, tuple[Tensor, Tensor]] | None = None  # (mean, centred) kept for the next prediction
         self._expected: dict[str, Any] | None = None
         self._pending: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -203,13 +202,15 @@ class GradientNoiseEstimator(Callback):
             grads = per_sample_grads(pl_module, module_loss(pl_module), sub, params, self.chunk_size)
         flat = self._gather(trainer, torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1))
         self.n_runs += 1
-        if flat.shape[0] < 2 or not torch.isfinite(flat).all():
+        stats = noise_statistics(flat, self.k) if flat.shape[0] >= 2 else None
+        if stats is None or not (stats.trace.isfinite() and stats.grad_norm_sq.isfinite()):  # NaN reaches both
             self.n_skipped += 1
-            reason = "batch size 1: no noise estimate" if flat.shape[0] < 2 else "non-finite per-sample gradients"
+            reason = "batch size 1: no noise estimate" if stats is None else "non-finite per-sample gradients"
             self._warn(reason, f"{type(self).__name__}: {reason}; the measurement is skipped.")
             return None
-        per_param = dict(zip(params, flat.split([p.numel() for p in params.values()], 1)))
-        stats = noise_statistics(flat, self.k)
+        sizes = [p.numel() for p in params.values()]
+        mean, omega = centred(flat)
+        per_param = dict(zip(params, zip(mean.split(sizes), omega.split(sizes, 1))))
         metrics = {
             "lip/noise/trace": stats.trace.item(),
             "lip/noise/grad_norm_sq": stats.grad_norm_sq.item(),
@@ -220,17 +221,19 @@ class GradientNoiseEstimator(Callback):
             "lip/noise/n_skipped": float(self.n_skipped),
         }
         metrics |= {f"lip/noise/eigenvalue_{i + 1}": mu.item() for i, mu in enumerate(stats.top_eigenvalues)}
-        names = dict(pl_module.named_parameters())
         for layer_name, layer in self._layers.items():
             keys = [f"{layer_name}.{p}" for p, _ in layer.named_parameters(recurse=False)]
-            keys = [key for key in keys if key in per_param]
-            if keys:
-                layer_grads = torch.cat([per_param[key] for key in keys], 1)
-                metrics[f"lip/noise/snr/{layer_name}"] = layer_snr(*centred(layer_grads)).item()
+            parts = [per_param[key] for key in keys if key in per_param]
+            if parts:
+                signal = sum(m.square().sum() for m, _ in parts)
+                noise = sum(o.square().sum() for _, o in parts) / ((flat.shape[0] - 1) * flat.shape[0])
+                metrics[f"lip/noise/snr/{layer_name}"] = (signal / noise).item()
+        shapes = dict(pl_module.named_parameters())
         weights = {
-            name: per_param[f"{name}.weight"].reshape(-1, *names[f"{name}.weight"].shape)
+            name: (m.view_as(shapes[key]), o.reshape(-1, *shapes[key].shape))
             for name, layer in self._layers.items()
-            if isinstance(layer, nn.Linear) and f"{name}.weight" in per_param
+            if isinstance(layer, nn.Linear) and (key := f"{name}.weight") in per_param
+            for m, o in [per_param[key]]
         }
         registry = LipRegistry.of(trainer)
         step = trainer.global_step
@@ -263,18 +266,18 @@ class GradientNoiseEstimator(Callback):
 
     @torch.no_grad()
     def _predict(
-        self, optimizer: torch.optim.Optimizer, weights: dict[str, Tensor], step_batch: float
+        self, optimizer: torch.optim.Optimizer, weights: dict[str, tuple[Tensor, Tensor]], step_batch: float
     ) -> dict[str, Any] | None:
-        """Dynamics of the step ``optimizer`` is about to take, averaging ``step_batch`` samples, given per-sample
-        weight gradients ``{layer: [n, m, k]}``."""
+        """Dynamics of the step ``optimizer`` is about to take, averaging ``step_batch`` samples, given each layer's
+        mean weight gradient ``[m, k]`` and centred per-sample weight gradients ``[n, m, k]``."""
         per_layer = {}
-        for name, grads in weights.items():
+        for name, (mean, omega) in weights.items():
             weight = self._layers[name].weight
             step = linear_step(optimizer, weight, None if weight.grad is None else weight.grad.detach())
             if step is None:
                 self._warn("step_map", f"{type(self).__name__}: no linear step map for {type(optimizer).__name__}.")
                 return None
-            mean, omega = centred(grads.double())
+            mean, omega = mean.double(), omega.double()
             u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
             gain = step.gain.double()
             dyn = sigma_dynamics(u, s, vh.T, step.offset.double() + gain * mean, gain * omega, step_batch)
@@ -336,7 +339,7 @@ class GradientNoiseEstimator(Callback):
         return {
             "n_runs": self.n_runs,
             "n_skipped": self.n_skipped,
-            "sample": None if self._sample is None else {k: v.cpu() for k, v in self._sample.items()},
+            "sample": None if self._sample is None else {k: (m.cpu(), o.cpu()) for k, (m, o) in self._sample.items()},
         }
 
     @override

@@ -60,8 +60,9 @@ class CurvatureLRController(Callback):
     when a monitor is present, else ``"probe"``. The probe is preferred over the same-batch secant
     :math:`\|\Delta g\|/\|\Delta\theta\|` of AdGD: the secant measures curvature along the last step only (a lower
     bound of :math:`\lambda_{max}`) and, between mini-batches, mixes gradient noise into :math:`\Delta g`. Signals
-    older than ``max_age`` steps are ignored; without a signal the throttle holds. Under DDP the signal is reduced
-    with max, so every rank sets the same learning rate.
+    older than ``max_age`` steps are ignored; without a signal the throttle holds. Before the first measurement the
+    controller measures once itself on the first batch (a cold probe), so that the first steps are guarded too.
+    Under DDP the signal is reduced with max, so every rank sets the same learning rate.
 
     Default policy: ``mode="strict"`` keeps :math:`s\,r \le` ``margin`` (< 1); ``mode="guard"`` only acts above the
     threshold (:math:`s\,r \le 1`) and leaves edge-of-stability dynamics alone. Above the bound: fast cut straight to
@@ -76,7 +77,9 @@ class CurvatureLRController(Callback):
 
     Args:
         mode: ``"strict"`` or ``"guard"``.
-        margin: bound on :math:`s\,r` in strict mode, in ``(0, 1)``.
+        margin: bound on :math:`s\,r` in strict mode, in ``(0, 1)``. The default 0.5 leaves room for mini-batch
+            Hessians sharper than the probe's and for curvature growing between measurements (measured in
+            ``benchmarks/stability.py``: 0.9 let digits training collapse where 0.5 did not).
         s_min: smallest throttle, in ``(0, 1]``.
         recovery: multiplicative recovery per step, ``>= 1``.
         hysteresis: recover only while :math:`s\,r` is below this fraction of the bound, in ``(0, 1]``.
@@ -103,7 +106,7 @@ class CurvatureLRController(Callback):
     def __init__(
         self,
         mode: str = "strict",
-        margin: float = 0.9,
+        margin: float = 0.5,
         s_min: float = 0.01,
         recovery: float = 1.05,
         hysteresis: float = 0.8,
@@ -142,6 +145,8 @@ class CurvatureLRController(Callback):
 
         self.states: list[ThrottleState] = []
         self._probe: HessianEigenMonitor | None = None
+        self._bootstrapped = False
+        self._last_signal: tuple[float, int] | None = None
         self._scheduled: list[float] | None = None
         self._pending: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -183,20 +188,26 @@ class CurvatureLRController(Callback):
                 "the Trainer's callbacks, or use signal='probe' (or 'auto') for the controller's own probe."
             )
         if self.signal == "probe" or (self.signal == "auto" and not monitors):
-            self._probe = self._probe or HessianEigenMonitor(
-                every_n_steps=self.probe_every_n_steps,
-                max_iter=self.probe_iterations,
-                tol=1e-2,
-                num_samples=self.probe_samples,
-                cold_every_n_runs=0,
-            )
+            self._probe = self._probe or self._make_probe()
             rank_zero_info(
                 f"CurvatureLRController: no HessianEigenMonitor in use; its own probe measures lambda_max every "
                 f"{self.probe_every_n_steps} steps ({self.probe_iterations} HVPs on {self.probe_samples} samples)."
             )
 
+    def _make_probe(self) -> HessianEigenMonitor:
+        return HessianEigenMonitor(
+            every_n_steps=self.probe_every_n_steps,
+            max_iter=self.probe_iterations,
+            tol=1e-2,
+            num_samples=self.probe_samples,
+            cold_every_n_runs=0,
+        )
+
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        registry = LipRegistry.of(trainer)
+        if self._last_signal is not None and "hessian/lambda_max" not in registry:  # resumed: the signal it had
+            registry.publish("hessian/lambda_max", *self._last_signal)
         if not trainer.optimizers:
             return
         optimizer = trainer.optimizers[0]
@@ -211,9 +222,19 @@ class CurvatureLRController(Callback):
         if self._probe is not None:
             self._probe.on_fit_start(trainer, pl_module)
 
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # No signal before the first measurement: measure once on this batch, so that the first steps are guarded too.
+        if "hessian/lambda_max" not in LipRegistry.of(trainer) and not self._bootstrapped:
+            self._bootstrapped = True
+            (self._probe or self._make_probe()).measure(trainer, pl_module, [batch])
+
     def _signal(self, trainer: Trainer) -> float | None:
         """``lambda_max`` no older than ``max_age`` steps, max-reduced over ranks; ``None`` if absent or stale."""
         registry = LipRegistry.of(trainer)
+        entry = registry.entry("hessian/lambda_max")
+        if entry is not None:
+            self._last_signal = (float(entry.value), entry.step)
         value = registry.get("hessian/lambda_max", max_age=self.max_age, step=trainer.global_step)
         lam = math.nan if value is None else float(value)
         if trainer.world_size > 1:
@@ -331,10 +352,14 @@ class CurvatureLRController(Callback):
         return {
             "states": [vars(s).copy() for s in self.states],
             "probe": None if self._probe is None else self._probe.state_dict(),
+            "bootstrapped": self._bootstrapped,
+            "last_signal": self._last_signal,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.states = [ThrottleState(**s) for s in state_dict["states"]]
+        self._bootstrapped = state_dict["bootstrapped"]
+        self._last_signal = state_dict["last_signal"]
         if state_dict["probe"] is not None and self._probe is not None:  # setup() has run: the probe exists
             self._probe.load_state_dict(state_dict["probe"])

@@ -58,10 +58,13 @@ def centred(grads: Tensor) -> tuple[Tensor, Tensor]:
 
 def gram_spectrum(omega: Tensor) -> tuple[Tensor, Tensor]:
     r"""Eigenvalues (descending, ``[B]``, float64) and eigenvectors (``[B, B]`` columns) of the Gram matrix
-    :math:`K = \Omega\Omega^\top/(B-1)`, which has the non-zero eigenvalues of :math:`\Sigma`."""
-    b = omega.shape[0]
-    o = omega.double()
-    mu, q = torch.linalg.eigh(o @ o.T / (b - 1))
+    :math:`K = \Omega\Omega^\top/(B-1)`, which has the non-zero eigenvalues of :math:`\Sigma`; NaN if ``omega`` is
+    not finite."""
+    gram = (omega @ omega.T).double() / (omega.shape[0] - 1)  # the B x P product in the input precision
+    if not torch.isfinite(gram).all():
+        nan = torch.full_like(gram, torch.nan)
+        return nan[0], nan
+    mu, q = torch.linalg.eigh(gram)
     return mu.flip(0), q.flip(1)
 
 
@@ -96,8 +99,8 @@ def layer_snr(mean: Tensor, omega: Tensor) -> Tensor:
     r"""Signal-to-noise ratio of a layer's mini-batch gradient, :math:`\|\bar g_l\|^2 / \mathrm{tr}\,\Sigma_{B,l}`,
     from its mean ``[P_l]`` and centred rows ``[B, P_l]``; above 1 the batch gradient is mostly signal."""
     b = omega.shape[0]
-    noise = omega.double().square().sum() / ((b - 1) * b)
-    return mean.double().square().sum() / noise
+    noise = omega.square().sum().double() / ((b - 1) * b)
+    return mean.square().sum().double() / noise
 
 
 def sigma_hessian(u: Tensor, s: Tensor, v: Tensor, e: Tensor, f: Tensor | None = None) -> Tensor:

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from lightning_lip.functional._stateless import LossFn, stateless_loss, trainable_parameters
 
@@ -32,7 +32,8 @@ def per_sample_grads(
         loss_fn: ``loss_fn(module, batch) -> scalar`` mean loss of a batch; called on batches of one sample.
         batch: a tensor or a (nested) tuple/list/dict of tensors whose leading dimension ``B`` indexes samples.
         params: ``{name: tensor}`` to differentiate, default the trainable parameters; others stay fixed.
-        chunk_size: samples processed at once by ``vmap`` (bounds peak memory); ``None``: all ``B`` at once.
+        chunk_size: samples processed at once by ``vmap``: bounds the memory of the intermediates (the output,
+            ``B`` x the parameters, is allocated once); ``None``: all ``B`` at once.
 
     Returns:
         ``{name: tensor of shape [B, *param.shape]}`` in the dtype of the parameters.
@@ -55,9 +56,19 @@ def per_sample_grads(
     def sample_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
         return loss(p, tree_map(lambda t: t.unsqueeze(0), sample))
 
-    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0), chunk_size=chunk_size)
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))
+    n = _leading_size(batch)
+    step = n if chunk_size is None else chunk_size
     try:
-        return grads(params, batch)
+        if step >= n:
+            return grads(params, batch)
+        # chunks written into the output in place: vmap's own chunking concatenates, holding the output twice
+        out = {name: p.new_empty(n, *p.shape) for name, p in params.items()}
+        for start in range(0, n, step):
+            part = grads(params, tree_map(lambda t: t[start : start + step], batch))
+            for name, g in part.items():
+                out[name][start : start + step] = g
+        return out
     except RuntimeError as error:  # torch.OutOfMemoryError on GPUs, a RuntimeError from the CPU allocator
         if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
             raise
@@ -65,3 +76,7 @@ def per_sample_grads(
             f"Per-sample gradients ran out of memory ({error}). Pass a smaller `chunk_size` (now {chunk_size}) "
             "or fewer samples."
         ) from error
+
+
+def _leading_size(batch: Any) -> int:
+    return next(t for t in tree_leaves(batch) if isinstance(t, Tensor)).shape[0]
