@@ -122,9 +122,10 @@ def timing(repeats: int) -> None:
                 method(net, x, y)
                 times[key].append(time.perf_counter() - start)
         med = {k: statistics.median(v[1:]) for k, v in times.items()}
+        ratios = " | ".join(f"{med[k] / med['ours']:.2f}" for k in ("loop", "opacus", "backpack"))
         print(
             f"| {name} | {med['ours']:.4f} | {med['loop']:.4f} | {med['opacus']:.4f} | {med['backpack']:.4f} | "
-            f"{med['loop'] / med['ours']:.1f} | {med['opacus'] / med['ours']:.2f} | {med['backpack'] / med['ours']:.2f} |"
+            f"{ratios} |"
         )
 
 

@@ -37,6 +37,48 @@ def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
     return None
 
 
+#: The custom-scalars layout of every area, keyed by the callback class that logs it (regular expressions allowed).
+_LAYOUT: dict[str, dict[str, list[Any]]] = {
+    "KappaBudgetProjection": {
+        "kappa: Lipschitz bound": ["Multiline", ["lip/kappa/bound", "lip/kappa/audit_bound"]],
+        "kappa: layer norms and budgets": ["Multiline", ["lip/kappa/sigma/.*", "lip/kappa/kappa/.*"]],
+    },
+    "HessianEigenMonitor": {
+        "stability: eta*lambda_max vs threshold": [
+            "Multiline",
+            ["lip/hessian/eta_lambda_max", "lip/hessian/threshold"],
+        ],
+        "hessian: extreme eigenvalues": ["Multiline", ["lip/hessian/lambda_max", "lip/hessian/lambda_min"]],
+    },
+    "GradientNoiseEstimator": {
+        "noise: scale and trace": ["Multiline", ["lip/noise/scale", "lip/noise/trace", "lip/noise/grad_norm_sq"]],
+        "noise: log Lipschitz drift and std": [
+            "Multiline",
+            ["lip/noise/log_lipschitz_drift", "lip/noise/log_lipschitz_std", "lip/noise/log_lipschitz_observed"],
+        ],
+        "noise: z-scores (observed vs predicted)": ["Multiline", ["lip/noise/.*zscore.*"]],
+    },
+    "CurvatureLRController": {
+        "lr: scheduled vs effective": ["Multiline", ["lip/lr/scheduled", "lip/lr/effective"]],
+        "lr: throttle and ratio": ["Multiline", ["lip/lr/throttle.*", "lip/lr/ratio"]],
+    },
+}
+
+
+def write_tensorboard_layout(trainer: pl.Trainer) -> None:
+    """Write the custom-scalars layout of all lightning_lip callbacks in ``trainer`` (one layout per run: every
+    callback writes the same complete one, whichever comes first)."""
+    writer = tensorboard_writer(trainer)
+    if writer is None:
+        return
+    present = {type(c).__name__ for c in trainer.callbacks} | {
+        base.__name__ for c in trainer.callbacks for base in type(c).__mro__
+    }
+    charts = {title: chart for name, area in _LAYOUT.items() if name in present for title, chart in area.items()}
+    if charts:
+        writer.add_custom_scalars({"lightning_lip": charts})
+
+
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
     """Raise ``ValueError`` unless ``value`` is a finite number ``> 0`` (``>= 0`` with ``allow_zero``)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

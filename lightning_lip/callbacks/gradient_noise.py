@@ -27,6 +27,7 @@ from lightning_lip.callbacks._common import (
     check_int,
     measurement_mode,
     module_loss,
+    write_tensorboard_layout,
 )
 from lightning_lip.functional._stateless import trainable_parameters
 from lightning_lip.functional.noise import (
@@ -153,6 +154,7 @@ class GradientNoiseEstimator(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        write_tensorboard_layout(trainer)
         for optimizer in trainer.optimizers:
             handle = optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer))
             # observe the step before any other post-hook (a projection) changes the weights

@@ -29,6 +29,7 @@ from lightning_lip.callbacks._common import (
     measurement_mode,
     module_loss,
     tensorboard_writer,
+    write_tensorboard_layout,
 )
 from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
@@ -148,18 +149,7 @@ class HessianEigenMonitor(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        writer = tensorboard_writer(trainer)
-        if writer is not None:
-            writer.add_custom_scalars(
-                {
-                    "lightning_lip": {
-                        "stability: eta*lambda_max vs threshold": [
-                            "Multiline",
-                            ["lip/hessian/eta_lambda_max", "lip/hessian/threshold"],
-                        ]
-                    }
-                }
-            )
+        write_tensorboard_layout(trainer)
 
     @override
     def on_train_batch_end(

@@ -20,7 +20,14 @@ from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import WarnOnce, check_choice, check_int, check_positive, tensorboard_writer
+from lightning_lip.callbacks._common import (
+    WarnOnce,
+    check_choice,
+    check_int,
+    check_positive,
+    tensorboard_writer,
+    write_tensorboard_layout,
+)
 from lightning_lip.functional.spectral import (
     Operator,
     SingularTriplet,
@@ -227,6 +234,7 @@ class KappaBudgetProjection(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        write_tensorboard_layout(trainer)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
 

@@ -19,7 +19,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import WarnOnce, check_choice, check_fraction, check_int
+from lightning_lip.callbacks._common import WarnOnce, check_choice, check_fraction, check_int, write_tensorboard_layout
 from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
 from lightning_lip.functional.stability import stability_threshold
 from lightning_lip.registry import LipRegistry
@@ -146,7 +146,8 @@ class CurvatureLRController(Callback):
         self.states: list[ThrottleState] = []
         self._probe: HessianEigenMonitor | None = None
         self._bootstrapped = False
-        self._last_signal: tuple[float, int] | None = None
+        self._last_signal: tuple[float, int] | None = None  # restored from a checkpoint
+        self._registry: LipRegistry | None = None
         self._scheduled: list[float] | None = None
         self._pending: dict[str, float] = {}
         self._handles: list[Any] = []
@@ -205,7 +206,8 @@ class CurvatureLRController(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        registry = LipRegistry.of(trainer)
+        write_tensorboard_layout(trainer)
+        self._registry = registry = LipRegistry.of(trainer)
         if self._last_signal is not None and "hessian/lambda_max" not in registry:  # resumed: the signal it had
             registry.publish("hessian/lambda_max", *self._last_signal)
         if not trainer.optimizers:
@@ -219,8 +221,6 @@ class CurvatureLRController(Callback):
             optimizer.register_step_pre_hook(partial(self._before_step, trainer)),
             optimizer.register_step_post_hook(self._after_step),
         ]
-        if self._probe is not None:
-            self._probe.on_fit_start(trainer, pl_module)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -232,9 +232,6 @@ class CurvatureLRController(Callback):
     def _signal(self, trainer: Trainer) -> float | None:
         """``lambda_max`` no older than ``max_age`` steps, max-reduced over ranks; ``None`` if absent or stale."""
         registry = LipRegistry.of(trainer)
-        entry = registry.entry("hessian/lambda_max")
-        if entry is not None:
-            self._last_signal = (float(entry.value), entry.step)
         value = registry.get("hessian/lambda_max", max_age=self.max_age, step=trainer.global_step)
         lam = math.nan if value is None else float(value)
         if trainer.world_size > 1:
@@ -353,7 +350,7 @@ class CurvatureLRController(Callback):
             "states": [vars(s).copy() for s in self.states],
             "probe": None if self._probe is None else self._probe.state_dict(),
             "bootstrapped": self._bootstrapped,
-            "last_signal": self._last_signal,
+            "last_signal": _entry_of(self._registry, "hessian/lambda_max"),
         }
 
     @override
@@ -363,3 +360,8 @@ class CurvatureLRController(Callback):
         self._last_signal = state_dict["last_signal"]
         if state_dict["probe"] is not None and self._probe is not None:  # setup() has run: the probe exists
             self._probe.load_state_dict(state_dict["probe"])
+
+
+def _entry_of(registry: LipRegistry | None, key: str) -> tuple[float, int] | None:
+    entry = None if registry is None else registry.entry(key)
+    return None if entry is None else (float(entry.value), entry.step)

@@ -1,6 +1,7 @@
 r"""Hessian-vector products of a loss with respect to a module's parameters, on flat vectors.
 
-Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``) through ``torch.func.functional_call``: the
+Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``; reverse-over-reverse for losses whose double
+backward lacks a forward-mode formula, such as ``F.mse_loss``) through ``torch.func.functional_call``: the
 module's own parameters are never touched, no ``.backward()`` runs, and buffers (BatchNorm running statistics)
 are passed as copies so that a product leaves them unchanged.
 """
@@ -60,12 +61,25 @@ def hvp_operator(
     stateless = stateless_loss(module, loss_fn)
     grad = torch.func.grad(lambda flat_params, batch: stateless(dict(zip(names, flat_params)), batch))
 
+    reverse = False  # set once forward mode fails on an op without a working forward-over-reverse formula
+
+    def product(batch: Any, tangents: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        nonlocal reverse
+        if not reverse:
+            try:
+                return torch.func.jvp(lambda *p: grad(p, batch), tuple(values), tangents)[1]
+            except RuntimeError as error:  # e.g. F.mse_loss in torch 2.13: "ZeroTensors are immutable"
+                if "ZeroTensor" not in str(error):
+                    raise
+                reverse = True
+        # reverse over reverse: H is symmetric, so the vector-Jacobian product of the gradient is H v as well
+        return torch.func.vjp(lambda *p: grad(p, batch), *values)[1](tangents)
+
     def hvp(v: Tensor) -> Tensor:
         tangents = tuple(unflatten(v.to(values[0].dtype), values))
         out = torch.zeros_like(v, dtype=values[0].dtype)
         for batch, n in zip(batches, sizes):
-            _, hv = torch.func.jvp(lambda *p: grad(p, batch), tuple(values), tangents)
-            out += (n / total) * flatten(hv)
+            out += (n / total) * flatten(product(batch, tangents))
         return out.to(v.dtype)
 
     return hvp

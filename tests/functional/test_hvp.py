@@ -61,3 +61,14 @@ def test_train_mode_batchnorm_buffers_untouched():
     hvp_operator(net, ce, [(x, y)])(torch.randn(sum(p.numel() for p in net.parameters()), dtype=torch.float64))
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_mse_loss_falls_back_to_reverse_over_reverse():
+    """F.mse_loss has no working forward-over-reverse formula in torch 2.13 (ZeroTensor error): same H v anyway."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+    x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    hvp = hvp_operator(net, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), [(x, t)])
+    H = dense_hessian(net, torch.nn.functional.mse_loss, x, t)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)

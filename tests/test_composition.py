@@ -1,0 +1,175 @@
+"""All four callbacks together: order, resume, accumulation, bf16, DDP, and every documented TensorBoard tag."""
+
+import math
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_lip import (
+    CurvatureLRController,
+    GradientNoiseEstimator,
+    HessianEigenMonitor,
+    KappaBudgetProjection,
+    LipRegistry,
+)
+from tests.models import Classifier, cnn, loader, random_data, trainer_kwargs
+
+
+def four(**noise):
+    return [
+        KappaBudgetProjection(max_lipschitz=3.0, audit_every_n_steps=3),
+        HessianEigenMonitor(every_n_steps=2, max_iter=10, num_samples=32, density=True),
+        GradientNoiseEstimator(every_n_steps=2, **noise),
+        CurvatureLRController(margin=0.5, probe_every_n_steps=2),
+    ]
+
+
+def run(tmp_path, callbacks, max_epochs=2, ckpt=None, **kw):
+    torch.manual_seed(0)
+    model = Classifier(cnn(), lr=2.0, momentum=0.5)  # large enough for the controller to cut
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=max_epochs, **kw))
+    trainer.fit(model, loader(random_data(64, (1, 8, 8))), ckpt_path=ckpt)
+    return trainer, model
+
+
+def summary(trainer, model, callbacks):
+    kappa, monitor, noise, controller = callbacks
+    registry = LipRegistry.of(trainer)
+    return {
+        "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
+        "sigmas": kappa.sigmas,
+        "hessian": {k: v for k, v in monitor.last.items() if k != "lip/hessian/seconds"},
+        "noise": {k: v for k, v in noise.last.items() if k != "lip/noise/seconds"},
+        "throttle": [vars(s) for s in controller.states],
+        "lr": registry.get("lr/effective"),
+    }
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a["params"]:
+        assert torch.equal(a["params"][key], b["params"][key]), key
+    for key in ("sigmas", "hessian", "noise", "throttle", "lr"):
+        assert a[key] == b[key], key
+
+
+def test_callback_order_does_not_change_results(tmp_path):
+    forward = four()
+    reverse = four()
+    a = summary(*run(tmp_path, forward), forward)
+    b = summary(*run(tmp_path, list(reversed(reverse))), reverse)
+    assert a["throttle"][0]["n_cuts"] > 0 and a["hessian"] and a["noise"]  # every callback did something
+    assert_same(a, b)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = four()
+    expected = summary(*run(tmp_path / "a", full, max_epochs=4), full)
+    first = four()
+    trainer, _ = run(tmp_path / "b", first, max_epochs=2)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    torch.load(tmp_path / "c.ckpt", weights_only=True)  # plain tensors and numbers only
+    second = four()
+    assert_same(summary(*run(tmp_path / "b", second, max_epochs=4, ckpt=tmp_path / "c.ckpt"), second), expected)
+
+
+def test_gradient_accumulation(tmp_path):
+    callbacks = four()
+    trainer, model = run(tmp_path, callbacks, accumulate_grad_batches=2)
+    kappa, monitor, noise, controller = callbacks
+    assert trainer.global_step == 4 and kappa.n_projections == 4 and monitor.n_runs == 2 and noise.n_runs == 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    callbacks = four()
+    trainer, model = run(tmp_path, callbacks, precision="bf16-mixed")
+    kappa, monitor, noise, controller = callbacks
+    assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
+    assert kappa.bound <= 3.0 * (1 + 1e-2) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+DOCUMENTED_TAGS = [
+    "lip/kappa/bound",
+    "lip/kappa/log10_bound",
+    "lip/kappa/n_projected",
+    "lip/kappa/n_skipped",
+    "lip/kappa/seconds",
+    "lip/kappa/audit_bound",
+    "lip/kappa/sigma/net.0",
+    "lip/kappa/kappa/net.0",
+    "lip/hessian/lambda_max",
+    "lip/hessian/lambda_min",
+    "lip/hessian/residual",
+    "lip/hessian/residual_min",
+    "lip/hessian/n_hvp",
+    "lip/hessian/converged",
+    "lip/hessian/n_skipped",
+    "lip/hessian/seconds",
+    "lip/hessian/eta_lambda_max",
+    "lip/hessian/threshold",
+    "lip/hessian/stability_ratio",
+    "lip/noise/trace",
+    "lip/noise/grad_norm_sq",
+    "lip/noise/grad_norm_sq_unbiased",
+    "lip/noise/scale",
+    "lip/noise/effective_rank",
+    "lip/noise/eigenvalue_1",
+    "lip/noise/snr/net.0",
+    "lip/noise/drift/net.5",
+    "lip/noise/diffusion/net.5",
+    "lip/noise/log_lipschitz_drift",
+    "lip/noise/log_lipschitz_std",
+    "lip/noise/log_lipschitz_std_blockdiag",
+    "lip/noise/observed/net.5",
+    "lip/noise/predicted/net.5",
+    "lip/noise/zscore/net.5",
+    "lip/noise/log_lipschitz_observed",
+    "lip/noise/log_lipschitz_predicted",
+    "lip/noise/log_lipschitz_zscore",
+    "lip/noise/n_samples",
+    "lip/noise/n_skipped",
+    "lip/noise/seconds",
+    "lip/lr/effective",
+    "lip/lr/scheduled",
+    "lip/lr/throttle",
+    "lip/lr/ratio",
+    "lip/lr/threshold",
+    "lip/lr/signal",
+    "lip/lr/n_cuts",
+    "lip/lr/n_recoveries",
+]
+
+
+def test_every_documented_tag_reaches_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import metadata
+
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    run(tmp_path, four(), logger=logger, log_every_n_steps=1)
+    events = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "tensors": 0})
+    events.Reload()
+    missing = sorted(set(DOCUMENTED_TAGS) - set(events.Tags()["scalars"]))
+    assert not missing, missing
+    assert {"lip/kappa/sigma", "lip/hessian/density"} <= set(events.Tags()["histograms"])
+    layout = events.Tensors(metadata.CONFIG_SUMMARY_TAG)[-1].tensor_proto.string_val[0]
+    for title in [
+        b"kappa: Lipschitz bound",
+        b"stability: eta*lambda_max vs threshold",
+        b"noise: z-scores",
+        b"lr: throttle",
+    ]:
+        assert title in layout
+
+
+@pytest.mark.slow
+def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path):
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_all.py", tmp_path)
+    assert rank0["used"] == rank1["used"] and min(lr for row in rank0["used"] for lr in row) < 2.0  # throttled
+    for key in rank0["params"]:
+        assert torch.equal(rank0["params"][key], rank1["params"][key]), key
+    assert rank0["metrics"] == rank1["metrics"]
