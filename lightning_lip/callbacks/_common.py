@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
@@ -13,6 +14,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
 from lightning_lip.functional._stateless import LossFn
+from lightning_lip.functional.spectral import Operator, layer_operator, sample_shape
 
 
 class WarnOnce:
@@ -106,6 +108,39 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     """Raise ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
+
+
+class LayerShapes:
+    """One sample's input and output shapes of layers, recorded by forward hooks, and the layers' true operators."""
+
+    def __init__(self) -> None:
+        self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._handles: list[Any] = []
+
+    def attach(self, layers: dict[str, nn.Module]) -> None:
+        for name, layer in layers.items():
+            self._handles.append(layer.register_forward_hook(partial(self._record, name)))
+
+    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
+        self.shapes[name] = (sample_shape(module, args[0]), sample_shape(module, output))
+
+    def input_shape(self, name: str, layer: nn.Module) -> tuple[int, ...] | None:
+        """One sample's input shape; ``None`` for a convolution that has not run yet."""
+        if name in self.shapes:
+            return self.shapes[name][0]
+        return (layer.in_features,) if isinstance(layer, nn.Linear) else None
+
+    def operator(self, name: str, layer: nn.Module, weight: Tensor | None = None) -> Operator | None:
+        """The layer's true operator (with ``weight`` instead of its own if given); ``None`` before a convolution's
+        first forward pass."""
+        if name in self.shapes:
+            return layer_operator(layer, *self.shapes[name], weight=weight)
+        return layer_operator(layer, weight=weight) if isinstance(layer, nn.Linear) else None
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def module_loss(pl_module: pl.LightningModule) -> LossFn:

@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_map
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    LayerShapes,
     WarnOnce,
     batch_size,
     check_int,
@@ -34,9 +35,11 @@ from lightning_lip.functional.noise import (
     centred,
     log_lipschitz_dynamics,
     noise_statistics,
+    operator_sigma_dynamics,
     sigma_dynamics,
 )
 from lightning_lip.functional.per_sample import per_sample_grads
+from lightning_lip.functional.spectral import CONV_TYPES, lanczos_svd, random_start
 from lightning_lip.functional.stability import linear_step
 from lightning_lip.registry import LipRegistry
 
@@ -55,16 +58,17 @@ class GradientNoiseEstimator(Callback):
     version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per
     layer the gradient signal-to-noise ratio :math:`\|\bar g_l\|^2/\mathrm{tr}\,\Sigma_{B,l}`.
 
-    Lipschitz dynamics (``nn.Linear`` layers): the step is the one the optimizer is about to take, written as
-    :math:`\Delta W = o + c \odot g` by :func:`~lightning_lip.functional.stability.linear_step` (exact for SGD with
-    momentum/Nesterov/weight decay; Adam/AdamW with the second moment frozen at the value of this step); its noise
-    is :math:`c \odot \xi` with :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`, :math:`B_{step}` the samples averaged
-    by the step (batch size x ranks x accumulated batches), corrected for sampling without replacement from the
-    ``N`` training samples, :math:`\times(N-B)/(N-1)` (no noise at all for full-batch steps). Per layer: the drift
-    of :math:`\sigma_1` (first order, second order with the operator-norm Hessian, noise curvature) and its
-    diffusion, from an exact SVD of the weight (which the second-order terms need, so the singular vectors of a
-    ``KappaBudgetProjection`` are not used); for the network, the drift and standard deviation of
-    :math:`\log\prod_l\sigma_l`.
+    Lipschitz dynamics (``nn.Linear`` and ``nn.ConvNd`` layers): the step is the one the optimizer is about to
+    take, written as :math:`\Delta W = o + c \odot g` by :func:`~lightning_lip.functional.stability.linear_step`
+    (exact for SGD with momentum/Nesterov/weight decay; Adam/AdamW with the second moment frozen at the value of
+    this step); its noise is :math:`c \odot \xi` with :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`,
+    :math:`B_{step}` the samples averaged by the step (batch size x ranks x accumulated batches), corrected for
+    sampling without replacement from the ``N`` training samples, :math:`\times(N-B)/(N-1)` (no noise at all for
+    full-batch steps). Per layer: the drift of :math:`\sigma_1` (first order, second order with the operator-norm
+    Hessian, noise curvature) and its diffusion; for ``nn.Linear`` from an exact SVD of the weight, for a
+    convolution matrix-free on its true operator (top pair by Lanczos warm-started from the singular vectors a
+    ``KappaBudgetProjection`` publishes, else from this callback's previous ones). For the network, the drift and
+    standard deviation of :math:`\log\prod_l\sigma_l`.
 
     One step after each measurement the callback predicts that step again with the new weights and optimizer state
     but the previous batch's gradients, and compares with the observed change (weights read before any other step
@@ -127,6 +131,9 @@ class GradientNoiseEstimator(Callback):
         self._expected: dict[str, Any] | None = None
         self._pending: dict[str, float] = {}
         self._handles: list[Any] = []
+        self._shapes = LayerShapes()
+        self._vectors: dict[str, Tensor] = {}  # conv layers' top right singular vectors, warm starts
+        self._trainer: Trainer | None = None
         self._warn = WarnOnce()
 
     @property
@@ -151,9 +158,11 @@ class GradientNoiseEstimator(Callback):
         else:
             kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
             self._layers = {n: m for n, m in modules.items() if isinstance(m, kinds) and m.weight.requires_grad}
+        self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._trainer = trainer
         write_tensorboard_layout(trainer)
         for optimizer in trainer.optimizers:
             handle = optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer))
@@ -234,8 +243,9 @@ class GradientNoiseEstimator(Callback):
         weights = {
             name: (m.view_as(shapes[key]), o.reshape(-1, *shapes[key].shape))
             for name, layer in self._layers.items()
-            if isinstance(layer, nn.Linear) and (key := f"{name}.weight") in per_param
+            if isinstance(layer, (nn.Linear, *CONV_TYPES)) and (key := f"{name}.weight") in per_param
             for m, o in [per_param[key]]
+            if isinstance(layer, nn.Linear) or name in self._shapes.shapes
         }
         registry = LipRegistry.of(trainer)
         step = trainer.global_step
@@ -274,16 +284,32 @@ class GradientNoiseEstimator(Callback):
         mean weight gradient ``[m, k]`` and centred per-sample weight gradients ``[n, m, k]``."""
         per_layer = {}
         for name, (mean, omega) in weights.items():
-            weight = self._layers[name].weight
+            layer = self._layers[name]
+            weight = layer.weight
             step = linear_step(optimizer, weight, None if weight.grad is None else weight.grad.detach())
             if step is None:
                 self._warn("step_map", f"{type(self).__name__}: no linear step map for {type(optimizer).__name__}.")
                 return None
-            mean, omega = mean.double(), omega.double()
-            u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
-            gain = step.gain.double()
-            dyn = sigma_dynamics(u, s, vh.T, step.offset.double() + gain * mean, gain * omega, step_batch)
-            per_layer[name] = (s[0].item(), dyn.drift.item(), dyn.diffusion.item(), dyn.projections)
+            mean_step = step.offset.double() + step.gain.double() * mean.double()
+            noise = step.gain.double() * omega.double()
+            if isinstance(layer, nn.Linear):
+                u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+                sigma, dyn = s[0], sigma_dynamics(u, s, vh.T, mean_step, noise, step_batch)
+            else:
+                u, sigma, v = self._top_triplet(name, layer)
+                dyn = operator_sigma_dynamics(
+                    partial(self._apply, name, layer),
+                    weight.detach().double(),
+                    u,
+                    sigma,
+                    v,
+                    mean_step,
+                    noise,
+                    step_batch,
+                    max_iter=100,
+                    tol=1e-6,
+                )
+            per_layer[name] = (sigma.item(), dyn.drift.item(), dyn.diffusion.item(), dyn.projections)
         if not per_layer:
             return None
         columns = list(zip(*per_layer.values()))
@@ -297,6 +323,23 @@ class GradientNoiseEstimator(Callback):
             "log_variance_blockdiag": log_var_block.item(),
         }
 
+    def _apply(self, name: str, layer: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
+        """The true operator of ``layer`` with ``weight``, applied to one sample ``x``."""
+        return self._shapes.operator(name, layer, weight=weight)(x)
+
+    def _top_triplet(self, name: str, layer: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
+        """``(u, sigma, v)`` of a convolution's true operator in float64, by Lanczos to 1e-10 warm-started from the
+        registry's singular vector (a ``KappaBudgetProjection``'s) or this callback's previous one."""
+        operator = self._shapes.operator(name, layer, weight=layer.weight.detach().double())
+        published = LipRegistry.of(self._trainer).get(f"kappa/singular_vectors/{name}")
+        warm = published[1] if published is not None else self._vectors.get(name)
+        start = random_start(self._shapes.input_shape(name, layer), torch.zeros((), dtype=torch.float64))
+        if warm is not None and warm.shape == start.shape:
+            start = warm.double() / warm.norm() + start  # as much noise: no warm vector stays locked in a subspace
+        triplet = lanczos_svd(operator, start.to(layer.weight.device), max_iter=200, tol=1e-10)
+        self._vectors[name] = triplet.v.detach()
+        return triplet.u, triplet.sigma, triplet.v
+
     def _on_optimizer_step(self, trainer: Trainer, optimizer: Any, args: Any, kwargs: Any) -> None:
         if self._expected is None:
             return
@@ -304,7 +347,11 @@ class GradientNoiseEstimator(Callback):
         observed_log = 0.0
         predicted_log = expected["log_drift"]
         for name, (sigma, drift, diffusion, _) in expected["layers"].items():
-            after = torch.linalg.matrix_norm(self._layers[name].weight.detach().double(), 2).item()
+            layer = self._layers[name]
+            if isinstance(layer, nn.Linear):
+                after = torch.linalg.matrix_norm(layer.weight.detach().double(), 2).item()
+            else:
+                after = self._top_triplet(name, layer)[1].item()
             observed = after - sigma
             observed_log += math.log(after / sigma)
             self._pending[f"lip/noise/observed/{name}"] = observed
@@ -335,6 +382,7 @@ class GradientNoiseEstimator(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._shapes.remove()
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -342,6 +390,7 @@ class GradientNoiseEstimator(Callback):
             "n_runs": self.n_runs,
             "n_skipped": self.n_skipped,
             "sample": None if self._sample is None else {k: (m.cpu(), o.cpu()) for k, (m, o) in self._sample.items()},
+            "vectors": {name: v.cpu() for name, v in self._vectors.items()},
         }
 
     @override
@@ -349,6 +398,7 @@ class GradientNoiseEstimator(Callback):
         self.n_runs = state_dict["n_runs"]
         self.n_skipped = state_dict["n_skipped"]
         self._sample = state_dict["sample"]
+        self._vectors = dict(state_dict["vectors"])
 
 
 def _effective_batch(trainer: Trainer, global_batch: int) -> float:

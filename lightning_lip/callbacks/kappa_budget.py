@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    LayerShapes,
     WarnOnce,
     check_choice,
     check_int,
@@ -33,12 +34,10 @@ from lightning_lip.functional.spectral import (
     SingularTriplet,
     is_supported,
     lanczos_svd,
-    layer_operator,
     power_iteration,
     projection_scale,
     proportional_budget,
     random_start,
-    sample_shape,
     uniform_budget,
 )
 from lightning_lip.registry import LipRegistry
@@ -141,7 +140,7 @@ class KappaBudgetProjection(Callback):
 
         self.n_projections = 0
         self._layers: dict[str, nn.Module] = {}
-        self._shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}
         self._sigmas: dict[str, float] = {}
         self._current_kappas: dict[str, float] = {}
@@ -190,8 +189,7 @@ class KappaBudgetProjection(Callback):
             log.info(message)
         if not self._layers:
             self._warn("no_layers", f"{type(self).__name__} found no Linear/ConvNd/ConvTransposeNd layer: it is inert.")
-        for name, layer in self._layers.items():
-            self._handles.append(layer.register_forward_hook(partial(self._record_shapes, name)))
+        self._shapes.attach(self._layers)
 
     def _find_layers(self, pl_module: LightningModule) -> tuple[dict[str, nn.Module], list[str]]:
         """Covered layers (tied weights once) and descriptions of those left out."""
@@ -228,9 +226,6 @@ class KappaBudgetProjection(Callback):
             if missing:
                 raise ValueError(f"`kappas` has no budget for the projected layers {missing}.")
         return covered, excluded
-
-    def _record_shapes(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        self._shapes[name] = (sample_shape(module, args[0]), sample_shape(module, output))
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -286,12 +281,10 @@ class KappaBudgetProjection(Callback):
         self._queue_logs(n_projected, time.perf_counter() - start, audit)
 
     def _operator(self, name: str, layer: nn.Module) -> Operator | None:
-        if name in self._shapes:
-            return layer_operator(layer, *self._shapes[name])
-        if isinstance(layer, nn.Linear):
-            return layer_operator(layer)
-        self._warn(f"unused/{name}", f"Layer {name!r} has not run a forward pass yet: it is not projected.")
-        return None
+        operator = self._shapes.operator(name, layer)
+        if operator is None:
+            self._warn(f"unused/{name}", f"Layer {name!r} has not run a forward pass yet: it is not projected.")
+        return operator
 
     def _measure(self, name: str, operator: Operator, audit: bool, refine: Tensor | None = None) -> SingularTriplet:
         """Power iteration from the warm vector; Lanczos for audits and cold starts (``audit_tol``) and for
@@ -301,7 +294,7 @@ class KappaBudgetProjection(Callback):
         an invariant subspace (a circular convolution's Fourier blocks) while another one takes the top.
         """
         weight = self._layers[name].weight
-        shape = self._shapes[name][0] if name in self._shapes else (weight.shape[1],)
+        shape = self._shapes.input_shape(name, self._layers[name])
         v = self._vectors.get(name) if refine is None else refine
         cold = v is None or tuple(v.shape) != tuple(shape)
         with torch.autocast(weight.device.type, enabled=False):
@@ -362,10 +355,12 @@ class KappaBudgetProjection(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._pending is None:
+        pending, self._pending = self._pending, None
+        # like Lightning's LearningRateMonitor: only on steps the loggers write (log_every_n_steps), since logging
+        # every step costs more than the projection itself on small models
+        if pending is None or not trainer._logger_connector.should_update_logs:
             return
-        pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
-        self._pending = None
+        pl_module.log_dict(pending, on_step=True, on_epoch=False)
         writer = tensorboard_writer(trainer)
         if writer is not None and self._sigmas:
             writer.add_histogram("lip/kappa/sigma", torch.tensor(list(self._sigmas.values())), trainer.global_step)
@@ -382,6 +377,7 @@ class KappaBudgetProjection(Callback):
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._shapes.remove()
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ For a layer :math:`W = \sum_j \sigma_j u_j v_j^\top` and a step :math:`\Delta W 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,111 @@ def sigma_dynamics(
     projections = torch.einsum("m,bmn,n->b", u1, noise_steps, v1) + sigma_hessian(u, s, v, mean_step, noise_steps)
     diffusion = scale * projections.square().sum()
     return SigmaDynamics(first, second, curvature, first + second + curvature, diffusion, projections)
+
+
+def operator_sigma_dynamics(
+    apply: Callable[[Tensor, Tensor], Tensor],
+    weight: Tensor,
+    u: Tensor,
+    sigma: Tensor,
+    v: Tensor,
+    mean_step: Tensor,
+    noise_steps: Tensor,
+    batch_size: float | None = None,
+    max_iter: int = 300,
+    tol: float = 1e-10,
+) -> SigmaDynamics:
+    r""":func:`sigma_dynamics` for the top singular value of a linear map given as a function, not a matrix (a
+    convolution's true operator), without its SVD.
+
+    The second derivative comes from the augmented symmetric operator :math:`B = [[0, A], [A^\top, 0]]`, whose top
+    eigenpair is :math:`(\sigma_1, x = (u; v)/\sqrt2)`: :math:`\nabla^2\sigma_1[E, F] = 2\,y_E^\top(\sigma_1 I -
+    B)^+ y_F` with :math:`y_E = (I - xx^\top)(A(E)v;\,A(E)^\top u)/\sqrt2`, solved by conjugate gradients on
+    :math:`x^\perp` (batched over the directions; the condition number is :math:`2\sigma_1/(\sigma_1-\sigma_2)`).
+
+    Args:
+        apply: ``apply(W, x) -> A(W) x``, linear in the weight ``W`` and in one sample ``x``.
+        weight: the current weight ``W``.
+        u, sigma, v: the top singular triplet of ``A(W)`` (output shape, 0-dim, input shape), converged.
+        mean_step, noise_steps: as in :func:`sigma_dynamics`, shaped like the weight (``[n, *weight]``).
+        batch_size: as in :func:`sigma_dynamics`.
+        max_iter, tol: conjugate-gradient cap and relative residual tolerance.
+    """
+    n = noise_steps.shape[0]
+    scale = 1.0 / ((n - 1) * (batch_size or n))
+    directions = torch.cat([mean_step[None], noise_steps])
+    ev = torch.func.vmap(lambda e: apply(e, v))(directions)  # A(E) v
+    etu = torch.func.vmap(lambda e: _adjoint(lambda x: apply(e, x), v, u))(directions)  # A(E)^T u
+    inner = _dot(ev, u.expand_as(ev))  # u^T A(E) v: the first-order term of each direction
+    y = _project((ev / math.sqrt(2), etu / math.sqrt(2)), u, v)
+    z = _solve_shifted(lambda x: apply(weight, x), u, sigma, v, y, max_iter, tol)
+    quad = 2 * (_dot(y[0], z[0]) + _dot(y[1], z[1]))  # nabla^2 sigma[E, E] per direction
+    cross = 2 * (_dot(z[0][:1].expand_as(y[0][1:]), y[0][1:]) + _dot(z[1][:1].expand_as(y[1][1:]), y[1][1:]))
+    first, projections = inner[0], inner[1:] + cross  # cross: nabla^2 sigma[M, N_i]
+    second, curvature = 0.5 * quad[0], 0.5 * scale * quad[1:].sum()
+    return SigmaDynamics(
+        first, second, curvature, first + second + curvature, scale * projections.square().sum(), projections
+    )
+
+
+def _adjoint(operator: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
+    """:math:`A^\top y` of the linear ``operator`` (evaluated at ``x``, any point of its input space)."""
+    return torch.func.vjp(operator, x)[1](y)[0]
+
+
+def _dot(a: Tensor, b: Tensor) -> Tensor:
+    """Row-wise inner products of two ``[k, ...]`` batches."""
+    return (a * b).flatten(1).sum(1)
+
+
+def _project(pair: tuple[Tensor, Tensor], u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Remove the component along :math:`x = (u; v)/\sqrt2` from a batch of pairs ``(a [k, *out], b [k, *in])``."""
+    a, b = pair
+    c = (_dot(a, u.expand_as(a)) + _dot(b, v.expand_as(b))) / 2
+    return a - c.view(-1, *[1] * u.dim()) * u, b - c.view(-1, *[1] * v.dim()) * v
+
+
+def _solve_shifted(
+    operator: Callable[[Tensor], Tensor],
+    u: Tensor,
+    sigma: Tensor,
+    v: Tensor,
+    rhs: tuple[Tensor, Tensor],
+    max_iter: int,
+    tol: float,
+) -> tuple[Tensor, Tensor]:
+    """Solve :math:`(\sigma I - B)z = y` on :math:`x^\perp` for a batch of right-hand sides by conjugate gradients
+    (:math:`\sigma I - B` is positive definite there when :math:`\sigma_1 > \sigma_2`)."""
+    forward = torch.func.vmap(operator)
+    backward = torch.func.vmap(lambda y: _adjoint(operator, v, y))
+
+    def shifted(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        a, b = pair
+        return _project((sigma * a - forward(b), sigma * b - backward(a)), u, v)
+
+    def dot(p: tuple[Tensor, Tensor], q: tuple[Tensor, Tensor]) -> Tensor:
+        return _dot(p[0], q[0]) + _dot(p[1], q[1])
+
+    z = (torch.zeros_like(rhs[0]), torch.zeros_like(rhs[1]))
+    r, p = rhs, rhs
+    rs = dot(r, r)
+    stop = (tol * tol) * rs
+    for _ in range(max_iter):
+        if bool((rs <= stop).all()):
+            break
+        kp = shifted(p)
+        alpha = torch.where(rs > 0, rs / dot(p, kp), torch.zeros_like(rs))
+        z = tuple(zi + _bcast(alpha, zi) * pi for zi, pi in zip(z, p))
+        r = tuple(ri - _bcast(alpha, ri) * ki for ri, ki in zip(r, kp))
+        rs_new = dot(r, r)
+        beta = torch.where(rs > 0, rs_new / rs, torch.zeros_like(rs))
+        p = tuple(ri + _bcast(beta, ri) * pi for ri, pi in zip(r, p))
+        rs = rs_new
+    return z
+
+
+def _bcast(c: Tensor, like: Tensor) -> Tensor:
+    return c.view(-1, *[1] * (like.dim() - 1))
 
 
 def log_lipschitz_dynamics(

@@ -65,6 +65,7 @@ def layer_operator(
     module: nn.Module,
     input_shape: Sequence[int] | None = None,
     output_shape: Sequence[int] | None = None,
+    weight: Tensor | None = None,
 ) -> Operator:
     """The linear map ``x -> module(x) - bias`` on one sample, with the weight detached.
 
@@ -73,11 +74,13 @@ def layer_operator(
         input_shape: one sample's shape ``(C_in, *spatial)``; required for convolutions, ignored for ``Linear``.
         output_shape: one sample's output shape; used by transposed convolutions to recover an ``output_size``
             given at call time (the extra output padding it implies).
+        weight: the weight to apply instead of ``module.weight`` (same shape; not detached: the map is linear in
+            it too, e.g. for :math:`\nabla_W \langle u, A(W) v\rangle`).
 
     Returns:
         A function mapping a tensor of ``input_shape`` to a tensor of the output shape.
     """
-    weight = module.weight.detach()
+    weight = module.weight.detach() if weight is None else weight
     if weight.dtype in (torch.float16, torch.bfloat16):
         weight = weight.float()
     if isinstance(module, nn.Linear):

@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
 from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.reference import dense_operator_norm
 
 
 def fit(tmp_path, model, data, callbacks, batch_size=16, **kw):
@@ -62,50 +63,48 @@ def test_statistics_equal_dense_covariance_of_a_per_sample_loop(tmp_path, arch):
     )  # before step 3
     layers = {"net.0", "net.2"} if arch == "mlp" else {"net.0", "net.2", "net.5"}
     assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/snr/")} == layers
-    linear = {"net.0", "net.2"} if arch == "mlp" else {"net.5"}
-    assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")} == linear
-    assert all(registry.get(f"noise/diffusion/{name}") >= 0 for name in linear)
+    assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")} == layers
+    assert all(registry.get(f"noise/diffusion/{name}") >= 0 for name in layers)
 
 
-def test_full_batch_step_is_predicted_to_third_order(tmp_path):
-    """A full-batch SGD step has no noise: the published drift of each sigma is its change up to O(eta^3)."""
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_full_batch_step_is_predicted_to_third_order(tmp_path, arch):
+    """A full-batch SGD step has no noise: the published drift of each sigma is its change up to O(eta^3), for
+    matrices (closed form) and convolutions (matrix-free), against the dense operator of tests/reference.py."""
+    make, shape = (lambda: mlp((8, 12, 4)), (8,)) if arch == "mlp" else (lambda: cnn(padding_mode="zeros"), (1, 8, 8))
     errors = {}
     for lr in [0.2, 0.1, 0.05]:
         torch.manual_seed(0)
-        model = Classifier(mlp((8, 12, 4)).double(), lr=lr)
-        x, y = random_data(32, (8,)).tensors
-        data = TensorDataset(x.double(), y)
+        model = Classifier(make().double(), lr=lr)
+        x, y = random_data(32, shape).tensors
         noise = GradientNoiseEstimator(every_n_steps=1, predict=False)
-        before = {}
-
-        class Observe(GradientNoiseEstimator):
-            def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-                before.update({n: torch.linalg.matrix_norm(m.weight.detach(), 2) for n, m in noise._layers.items()})
-
         trainer = Trainer(callbacks=[noise], **trainer_kwargs(tmp_path, max_steps=1))
-        trainer.fit(model, DataLoader(data, batch_size=32))
-        assert noise.last["lip/noise/diffusion/net.0"] == 0.0  # full batch: no sampling noise
-        # weights before the step from the published sigma and drift: compare against the weights after
+        trainer.fit(model, DataLoader(TensorDataset(x.double(), y), batch_size=32))
         torch.manual_seed(0)
-        start = mlp((8, 12, 4)).double()
+        start = make().double()
+        layers = [k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")]
+        assert len(layers) == (2 if arch == "mlp" else 3)
+        assert all(noise.last[f"lip/noise/diffusion/{name}"] == 0.0 for name in layers)  # full batch: no noise
+
+        def norm(net, name):
+            layer = net[int(name.split(".")[1])]
+            return dense_operator_norm(layer, noise._shapes.shapes[name][0] if name in noise._shapes.shapes else None)
+
         errors[lr] = max(
-            abs(
-                torch.linalg.matrix_norm(model.net[int(name[-1])].weight.detach(), 2).item()
-                - torch.linalg.matrix_norm(start[int(name[-1])].weight.detach(), 2).item()
-                - noise.last[f"lip/noise/drift/{name}"]
-            )
-            for name in ("net.0", "net.2")
+            abs(norm(model.net, name) - norm(start, name) - noise.last[f"lip/noise/drift/{name}"]) for name in layers
         )
     assert errors[0.1] < errors[0.2] / 6 and errors[0.05] < errors[0.1] / 6, errors  # O(eta^3): /8 per halving
 
 
 @pytest.mark.slow
-def test_zscores_are_standard_normal_on_digits(tmp_path):
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_zscores_are_standard_normal_on_digits(tmp_path, arch):
     """Stochastic prediction on real data: observed vs predicted change of each sigma and of log K."""
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    data = TensorDataset(torch.tensor(x, dtype=torch.float32) / 16, torch.tensor(y))
+    x = torch.tensor(x, dtype=torch.float32) / 16
+    data = TensorDataset(x if arch == "mlp" else x.view(-1, 1, 8, 8), torch.tensor(y))
     zs = []
 
     class Record(GradientNoiseEstimator):
@@ -114,7 +113,8 @@ def test_zscores_are_standard_normal_on_digits(tmp_path):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
     torch.manual_seed(0)
-    model = Classifier(mlp((64, 64, 64, 10)), lr=0.05)
+    net = mlp((64, 64, 64, 10)) if arch == "mlp" else cnn(1, 10, padding_mode="zeros")
+    model = Classifier(net, lr=0.05)
     trainer = Trainer(callbacks=[Record(every_n_steps=2, max_samples=128)], **trainer_kwargs(tmp_path, max_epochs=12))
     trainer.fit(model, DataLoader(data, batch_size=128, shuffle=True, drop_last=True))
     zs = [z for z in zs if z]

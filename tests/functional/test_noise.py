@@ -9,6 +9,7 @@ from lightning_lip.functional.noise import (
     log_lipschitz_dynamics,
     noise_factor,
     noise_statistics,
+    operator_sigma_dynamics,
     sigma_dynamics,
     sigma_hessian,
 )
@@ -151,3 +152,48 @@ def test_forecast_is_lognormal():
     mean, std = lipschitz_forecast(2.0, 0.001, 1e-4, 50)
     assert abs(k.mean().item() - mean) < 3 * k.std().item() / math.sqrt(200_000)
     assert abs(k.std().item() - std) / std < 0.01
+
+
+def test_operator_dynamics_equal_the_closed_form_for_a_matrix():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(7, 4, generator=g, dtype=DT)
+    mean = 0.1 * torch.randn(7, 4, generator=g, dtype=DT)
+    noise = 0.05 * torch.randn(6, 7, 4, generator=g, dtype=DT)
+    noise = noise - noise.mean(0)
+    u, s, v = svd(w)
+    ref = sigma_dynamics(u, s, v, mean, noise, batch_size=10)
+    got = operator_sigma_dynamics(lambda m, x: m @ x, w, u[:, 0], s[0], v[:, 0], mean, noise, batch_size=10)
+    for field in ["first_order", "second_order", "noise_curvature", "drift", "diffusion", "projections"]:
+        # CG to a 1e-10 relative residual on a condition number ~2 s1 / (s1 - s2) ~ 10: 1e-9 relative is safe
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-9, atol=1e-14)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_operator_dynamics_of_a_conv_equal_the_dense_operator(padding_mode):
+    """A conv's true operator, built densely by jacrev (tests/reference.py), then the closed form on matrices.
+    (Not circular padding: its Fourier symmetry repeats the top singular value, where sigma_1 has no derivative.)"""
+    from lightning_lip.functional.spectral import layer_operator
+    from tests.reference import dense_operator
+
+    torch.manual_seed(6)
+    conv = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode=padding_mode).double()
+    shape = (2, 6, 6)
+    mean = 0.05 * torch.randn_like(conv.weight)
+    noise = 0.02 * torch.randn(5, *conv.weight.shape, dtype=DT)
+    noise = noise - noise.mean(0)
+
+    def dense(kernel):
+        c = torch.nn.Conv2d(2, 3, 3, stride=2, padding=1, padding_mode=padding_mode, bias=False).double()
+        c.weight.data.copy_(kernel)
+        return dense_operator(c, shape)
+
+    a = dense(conv.weight.detach())
+    u, s, v = svd(a)
+    ref = sigma_dynamics(u, s, v, dense(mean), torch.stack([dense(n) for n in noise]))
+    out_shape = conv(torch.zeros(1, *shape, dtype=DT)).shape[1:]
+    u1, v1 = u[:, 0].view(out_shape), v[:, 0].view(shape)
+    got = operator_sigma_dynamics(
+        lambda k, x: layer_operator(conv, shape, weight=k)(x), conv.weight.detach(), u1, s[0], v1, mean, noise
+    )
+    for field in ["first_order", "second_order", "noise_curvature", "diffusion"]:
+        torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-8, atol=1e-14)
