@@ -9,6 +9,7 @@ from lightning_lip.functional.noise import (
     log_lipschitz_dynamics,
     noise_factor,
     noise_statistics,
+    operator_sigma_dynamics,
     sigma_dynamics,
     sigma_hessian,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "noise_factor",
     "noise_statistics",
     "operator_norm",
+    "operator_sigma_dynamics",
     "per_sample_grads",
     "power_iteration",
     "projection_scale",
