@@ -138,11 +138,12 @@ def lr_find_pick(full_batch: bool) -> float:
     torch.manual_seed(0)
     train, _ = data(full_batch)
     model = MLP(0.1, "baseline", 1)
-    trainer = Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    trainer = Trainer(  # enough epochs for 100 full-batch steps
+        max_epochs=200, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
     )
     finder = Tuner(trainer).lr_find(model, train_dataloaders=train, min_lr=1e-4, max_lr=100.0, num_training=100)
-    return float(finder.suggestion())
+    suggestion = finder.suggestion()
+    return math.nan if suggestion is None else float(suggestion)
 
 
 METHODS = ["baseline", "guard", "strict", "clip", "adgd", "warmup"]

@@ -133,6 +133,7 @@ class GradientNoiseEstimator(Callback):
         self._handles: list[Any] = []
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}  # conv layers' top right singular vectors, warm starts
+        self._generator = torch.Generator().manual_seed(0)  # Lanczos start noise: the global RNG stays untouched
         self._trainer: Trainer | None = None
         self._warn = WarnOnce()
 
@@ -328,12 +329,17 @@ class GradientNoiseEstimator(Callback):
         return self._shapes.operator(name, layer, weight=weight)(x)
 
     def _top_triplet(self, name: str, layer: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-        """``(u, sigma, v)`` of a convolution's true operator in float64, by Lanczos to 1e-10 warm-started from the
-        registry's singular vector (a ``KappaBudgetProjection``'s) or this callback's previous one."""
+        """``(u, sigma, v)`` of a convolution's true operator in float64, by Lanczos to 1e-10 warm-started from this
+        callback's previous vector or, the first time, from the one a ``KappaBudgetProjection`` published (own vectors
+        first: they are in the checkpoint, so a resumed run starts from the same ones)."""
         operator = self._shapes.operator(name, layer, weight=layer.weight.detach().double())
-        published = LipRegistry.of(self._trainer).get(f"kappa/singular_vectors/{name}")
-        warm = published[1] if published is not None else self._vectors.get(name)
-        start = random_start(self._shapes.input_shape(name, layer), torch.zeros((), dtype=torch.float64))
+        warm = self._vectors.get(name)
+        if warm is None:
+            published = LipRegistry.of(self._trainer).get(f"kappa/singular_vectors/{name}")
+            warm = None if published is None else published[1]
+        start = random_start(
+            self._shapes.input_shape(name, layer), torch.zeros((), dtype=torch.float64), self._generator
+        )
         if warm is not None and warm.shape == start.shape:
             start = warm.double() / warm.norm() + start  # as much noise: no warm vector stays locked in a subspace
         triplet = lanczos_svd(operator, start.to(layer.weight.device), max_iter=200, tol=1e-10)
@@ -391,6 +397,7 @@ class GradientNoiseEstimator(Callback):
             "n_skipped": self.n_skipped,
             "sample": None if self._sample is None else {k: (m.cpu(), o.cpu()) for k, (m, o) in self._sample.items()},
             "vectors": {name: v.cpu() for name, v in self._vectors.items()},
+            "generator": self._generator.get_state(),
         }
 
     @override
@@ -399,6 +406,7 @@ class GradientNoiseEstimator(Callback):
         self.n_skipped = state_dict["n_skipped"]
         self._sample = state_dict["sample"]
         self._vectors = dict(state_dict["vectors"])
+        self._generator.set_state(state_dict["generator"])
 
 
 def _effective_batch(trainer: Trainer, global_batch: int) -> float:

@@ -26,6 +26,7 @@ from lightning_lip.callbacks._common import (
     check_choice,
     check_int,
     check_positive,
+    log_on_logger_steps,
     tensorboard_writer,
     write_tensorboard_layout,
 )
@@ -356,11 +357,8 @@ class KappaBudgetProjection(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         pending, self._pending = self._pending, None
-        # like Lightning's LearningRateMonitor: only on steps the loggers write (log_every_n_steps), since logging
-        # every step costs more than the projection itself on small models
-        if pending is None or not trainer._logger_connector.should_update_logs:
+        if pending is None or not log_on_logger_steps(trainer, pl_module, pending):
             return
-        pl_module.log_dict(pending, on_step=True, on_epoch=False)
         writer = tensorboard_writer(trainer)
         if writer is not None and self._sigmas:
             writer.add_histogram("lip/kappa/sigma", torch.tensor(list(self._sigmas.values())), trainer.global_step)

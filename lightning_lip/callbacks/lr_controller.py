@@ -19,7 +19,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import WarnOnce, check_choice, check_fraction, check_int, write_tensorboard_layout
+from lightning_lip.callbacks._common import (
+    WarnOnce,
+    check_choice,
+    check_fraction,
+    check_int,
+    log_on_logger_steps,
+    write_tensorboard_layout,
+)
 from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
 from lightning_lip.functional.stability import stability_threshold
 from lightning_lip.registry import LipRegistry
@@ -327,9 +334,8 @@ class CurvatureLRController(Callback):
     ) -> None:
         if self._probe is not None:
             self._probe.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if self._pending:
-            pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
-            self._pending = {}
+        log_on_logger_steps(trainer, pl_module, self._pending)
+        self._pending = {}
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

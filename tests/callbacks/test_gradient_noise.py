@@ -125,11 +125,16 @@ def test_zscores_are_standard_normal_on_digits(tmp_path, arch):
         assert abs(z.mean()) < 0.3 and 0.75 < z.std() < 1.3, (key, z.mean(), z.std())
 
 
-def test_training_is_bit_identical_with_and_without_the_estimator(tmp_path):
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_training_is_bit_identical_with_and_without_the_estimator(tmp_path, arch):
     def run(callbacks):
         torch.manual_seed(0)
-        model = Classifier(nn.Sequential(nn.Linear(16, 12), nn.Dropout(0.3), nn.ReLU(), nn.Linear(12, 4)), momentum=0.9)
-        fit(tmp_path, model, random_data(64), callbacks, max_epochs=2)
+        if arch == "mlp":
+            net, shape = nn.Sequential(nn.Linear(16, 12), nn.Dropout(0.3), nn.ReLU(), nn.Linear(12, 4)), (16,)
+        else:
+            net, shape = nn.Sequential(cnn(), nn.Dropout(0.3)), (1, 8, 8)  # conv layers: Lanczos draws noise
+        model = Classifier(net, momentum=0.9)
+        fit(tmp_path, model, random_data(64, shape), callbacks, max_epochs=2)
         return model
 
     plain, measured = run([]), run([GradientNoiseEstimator(every_n_steps=1)])
