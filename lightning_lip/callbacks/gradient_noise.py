@@ -308,7 +308,8 @@ class GradientNoiseEstimator(Callback):
                     noise,
                     step_batch,
                     max_iter=100,
-                    tol=1e-6,
+                    tol=1e-4,
+                    curvature_samples=8,
                 )
             per_layer[name] = (sigma.item(), dyn.drift.item(), dyn.diffusion.item(), dyn.projections)
         if not per_layer:
@@ -329,7 +330,7 @@ class GradientNoiseEstimator(Callback):
         return self._shapes.operator(name, layer, weight=weight)(x)
 
     def _top_triplet(self, name: str, layer: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
-        """``(u, sigma, v)`` of a convolution's true operator in float64, by Lanczos to 1e-10 warm-started from this
+        """``(u, sigma, v)`` of a convolution's true operator in float64, by Lanczos to 1e-9 warm-started from this
         callback's previous vector or, the first time, from the one a ``KappaBudgetProjection`` published (own vectors
         first: they are in the checkpoint, so a resumed run starts from the same ones)."""
         operator = self._shapes.operator(name, layer, weight=layer.weight.detach().double())
@@ -342,7 +343,7 @@ class GradientNoiseEstimator(Callback):
         )
         if warm is not None and warm.shape == start.shape:
             start = warm.double() / warm.norm() + start  # as much noise: no warm vector stays locked in a subspace
-        triplet = lanczos_svd(operator, start.to(layer.weight.device), max_iter=200, tol=1e-10)
+        triplet = lanczos_svd(operator, start.to(layer.weight.device), max_iter=200, tol=1e-9)
         self._vectors[name] = triplet.v.detach()
         return triplet.u, triplet.sigma, triplet.v
 

@@ -17,6 +17,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from torch import Tensor
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
@@ -74,8 +75,9 @@ class CurvatureLRController(Callback):
     Default policy: ``mode="strict"`` keeps :math:`s\,r \le` ``margin`` (< 1); ``mode="guard"`` only acts above the
     threshold (:math:`s\,r \le 1`) and leaves edge-of-stability dynamics alone. Above the bound: fast cut straight to
     it; below ``hysteresis`` times the bound: slow multiplicative recovery by ``recovery`` per step, never past
-    the bound. A non-finite loss or gradient (any rank) multiplies ``s`` by ``emergency_factor``, and with
-    ``skip_nonfinite=True`` drops that step's update (gradients set to ``None``).
+    the bound. A non-finite loss (any rank, any accumulated micro-batch) multiplies ``s`` by ``emergency_factor``;
+    with ``skip_nonfinite=True`` the gradients are checked too (one fused pass over them) and the step's update is
+    dropped (gradients set to ``None``).
 
     Logged: ``lip/lr/effective``, ``scheduled``, ``throttle``, ``ratio`` (:math:`s\,r`, effective), ``threshold``,
     ``signal``, and the events ``n_cuts``, ``n_recoveries``, ``n_emergencies`` (with several param groups, for the
@@ -156,7 +158,8 @@ class CurvatureLRController(Callback):
         self._last_signal: tuple[float, int] | None = None  # restored from a checkpoint
         self._registry: LipRegistry | None = None
         self._scheduled: list[float] | None = None
-        self._pending: dict[str, float] = {}
+        self._rows: list[tuple[float, float | None, float | None]] = []
+        self._loss_finite = True
         self._handles: list[Any] = []
         self._warn = WarnOnce()
 
@@ -259,7 +262,10 @@ class CurvatureLRController(Callback):
                 self._update(state, lr * lam / threshold)
             group["lr"] = lr * state.throttle
             rows.append((lr, threshold, lam))
-        self._queue_logs(trainer, rows)
+        self._rows = rows
+        registry = LipRegistry.of(trainer)
+        registry.publish("lr/throttle", [s.throttle for s in self.states], trainer.global_step)
+        registry.publish("lr/effective", [r[0] * s.throttle for r, s in zip(rows, self.states)], trainer.global_step)
 
     def _update(self, state: ThrottleState, ratio: float) -> None:
         new = self.throttle(ratio, state)
@@ -284,12 +290,17 @@ class CurvatureLRController(Callback):
         if self._scheduled is None or optimizer is not trainer.optimizers[0]:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        bad = float(not all(torch.isfinite(p.grad).all() for p in params))
+        bad = float(not self._loss_finite)
+        self._loss_finite = True
+        if self.skip_nonfinite and params and not bad:  # the gradients themselves: one fused pass over them
+            bad = float(not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all())
         if trainer.world_size > 1:
             bad = float(trainer.strategy.reduce(torch.tensor(bad), reduce_op="max"))
         if not bad:
             return
-        self._warn("nonfinite", "CurvatureLRController: non-finite gradient; emergency cut of the learning rate.")
+        self._warn(
+            "nonfinite", "CurvatureLRController: non-finite loss or gradient; emergency cut of the learning rate."
+        )
         for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
             state.throttle = max(self.s_min, state.throttle * self.emergency_factor)
             state.n_emergencies += 1
@@ -297,10 +308,14 @@ class CurvatureLRController(Callback):
         if self.skip_nonfinite:
             for p in params:
                 p.grad = None
-        self._pending["lip/lr/n_emergencies"] = float(sum(s.n_emergencies for s in self.states))
 
-    def _queue_logs(self, trainer: Trainer, rows: list[tuple[float, float | None, float | None]]) -> None:
-        """Metrics of the least stable group (per-group throttles too with several groups); registry entries."""
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self._loss_finite = self._loss_finite and bool(torch.isfinite(loss.detach()))  # every micro-batch
+
+    def _metrics(self, rows: list[tuple[float, float | None, float | None]]) -> dict[str, float]:
+        """Metrics of the least stable group (per-group throttles too with several groups) from the ``(scheduled lr,
+        threshold, signal)`` of each group at the last step."""
 
         def effective_ratio(i: int) -> float:
             lr, threshold, lam = rows[i]
@@ -315,6 +330,7 @@ class CurvatureLRController(Callback):
             "lip/lr/throttle": state.throttle,
             "lip/lr/n_cuts": float(sum(s.n_cuts for s in self.states)),
             "lip/lr/n_recoveries": float(sum(s.n_recoveries for s in self.states)),
+            "lip/lr/n_emergencies": float(sum(s.n_emergencies for s in self.states)),
         }
         if threshold is not None:
             metrics["lip/lr/threshold"] = threshold
@@ -323,10 +339,7 @@ class CurvatureLRController(Callback):
             metrics["lip/lr/ratio"] = effective_ratio(worst)
         if len(rows) > 1:
             metrics |= {f"lip/lr/throttle/group_{i}": s.throttle for i, s in enumerate(self.states)}
-        self._pending |= metrics
-        registry = LipRegistry.of(trainer)
-        registry.publish("lr/throttle", [s.throttle for s in self.states], trainer.global_step)
-        registry.publish("lr/effective", [r[0] * s.throttle for r, s in zip(rows, self.states)], trainer.global_step)
+        return metrics
 
     @override
     def on_train_batch_end(
@@ -334,8 +347,9 @@ class CurvatureLRController(Callback):
     ) -> None:
         if self._probe is not None:
             self._probe.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        log_on_logger_steps(trainer, pl_module, self._pending)
-        self._pending = {}
+        if self._rows and trainer._logger_connector.should_update_logs:
+            log_on_logger_steps(trainer, pl_module, self._metrics(self._rows))
+        self._rows = []
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -156,7 +156,7 @@ class NaNAt(Classifier):
 def test_nonfinite_gradient_emergency_cut_and_optional_skip(tmp_path):
     controller = CurvatureLRController(skip_nonfinite=True, emergency_factor=0.25)
     model = NaNAt(2)
-    with pytest.warns(UserWarning, match="non-finite gradient"):
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
         fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], data=random_data(128))
     assert all(torch.isfinite(p).all() for p in model.parameters())
     used = [row[0] for row in model.optimizers().optimizer.used]
@@ -273,3 +273,19 @@ def test_an_optimizer_subclass_calling_super_step_is_throttled_once(tmp_path):
     model.configure_optimizers = make
     fit(tmp_path, model, [FixedSignal(lambda step: 1.0), Half()])
     assert seen[0::2] == [0.05] * 4 and model.optimizers().optimizer.param_groups[0]["lr"] == 0.1
+
+
+def test_nonfinite_gradient_with_a_finite_loss_is_caught_when_skipping(tmp_path):
+    class NaNGrad(Classifier):
+        def on_after_backward(self):
+            if self.global_step == 1:
+                self.net[0].weight.grad[0, 0] = float("inf")  # backward overflow: the loss itself is finite
+
+        def configure_optimizers(self):
+            return RecordingSGD(self.parameters(), lr=self.lr)
+
+    model = NaNGrad(mlp(), lr=0.1)
+    controller = CurvatureLRController(skip_nonfinite=True)
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
+        fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller])
+    assert controller.states[0].n_emergencies == 1 and all(torch.isfinite(p).all() for p in model.parameters())

@@ -197,3 +197,24 @@ def test_operator_dynamics_of_a_conv_equal_the_dense_operator(padding_mode):
     )
     for field in ["first_order", "second_order", "noise_curvature", "diffusion"]:
         torch.testing.assert_close(getattr(got, field), getattr(ref, field), rtol=1e-8, atol=1e-14)
+
+
+def test_subsampled_noise_curvature_is_unbiased_and_the_rest_exact():
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(6, 5, generator=g, dtype=DT)
+    mean = 0.1 * torch.randn(6, 5, generator=g, dtype=DT)
+    noise = 0.05 * torch.randn(40, 6, 5, generator=g, dtype=DT)
+    noise = noise - noise.mean(0)
+    u, s, v = svd(w)
+    full = sigma_dynamics(u, s, v, mean, noise)
+    apply = lambda m, x: m @ x  # noqa: E731
+    estimates = []
+    for seed in range(200):
+        perm = torch.randperm(40, generator=torch.Generator().manual_seed(seed))
+        part = operator_sigma_dynamics(apply, w, u[:, 0], s[0], v[:, 0], mean, noise[perm], curvature_samples=8)
+        torch.testing.assert_close(part.diffusion, full.diffusion, rtol=1e-9, atol=0)  # cross terms: exact
+        torch.testing.assert_close(part.second_order, full.second_order, rtol=1e-9, atol=0)
+        estimates.append(part.noise_curvature)
+    est = torch.stack(estimates)
+    # the mean of 200 subsample estimates: within 4 standard errors of the full sum
+    assert abs(est.mean() - full.noise_curvature) < 4 * est.std() / math.sqrt(200)
