@@ -52,6 +52,33 @@ def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
     assert monitor.last["lip/hessian/lambda_min"] == pytest.approx(exact[0].item(), abs=tol * scale)
 
 
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_warm_started_measurements_match_dense_hessian(tmp_path, seed, arch):
+    """Runs 2 and 3 start from the previous eigenvector (residual bar = tol instead of tol/100): still within tol,
+    in fewer HVPs than the cold first run."""
+    torch.manual_seed(seed)
+    net, shape = (mlp((8, 12, 12, 4)), (8,)) if arch == "mlp" else (cnn(), (1, 8, 8))
+    model = Classifier(net, lr=0.1)
+    tol = 1e-4
+    monitor = HessianEigenMonitor(every_n_steps=2, max_iter=400, tol=tol, num_samples=32, cold_every_n_runs=0)
+    hvps = []
+    monitor_measure = monitor.measure
+
+    def measure(*args, **kwargs):
+        metrics = monitor_measure(*args, **kwargs)
+        hvps.append(metrics["lip/hessian/n_hvp"])
+        return metrics
+
+    monitor.measure = measure
+    fit(tmp_path, model, random_data(32, shape, seed=seed), [monitor], max_epochs=3)
+    xs, ys = probe_tensors(monitor)
+    exact = torch.linalg.eigvalsh(dense_hessian(model.net.double(), F.cross_entropy, xs.double(), ys))
+    assert monitor.n_runs == 3 and monitor.last["lip/hessian/converged"] == 1.0
+    assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(exact[-1].item(), rel=tol)
+    assert max(hvps[1:]) < hvps[0]
+
+
 class BNDropout(Classifier):
     def __init__(self):
         super().__init__(

@@ -44,7 +44,13 @@ def test_nonfinite_operator_returns_nan_not_converged():
 
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [(dict(k=0), "k"), (dict(max_iter=0), "max_iter"), (dict(tol=0.0), "tol")],
+    [
+        (dict(k=0), "k"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(tol=0.0), "tol"),
+        (dict(residual_factor=0.0), "residual_factor"),
+        (dict(residual_factor=1.5), "residual_factor"),
+    ],
 )
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -75,6 +81,41 @@ def test_start_nearly_orthogonal_to_top_does_not_stop_on_lambda2():
     v0 = Q[:, 1] + 1e-3 * Q[:, 0] + 1e-3 * Q[:, 2:].sum(1)
     res = lanczos(lambda x: A @ x, v0, max_iter=50, tol=1e-4)
     assert res.converged and res.eigenvalues[0].item() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_random_starts_never_certify_lambda2_of_a_close_pair():
+    """lambda_2/lambda_1 = 0.99 above a network-like spectrum, 400 Gaussian starts (diagonal operator: a random
+    start in any eigenbasis), with HessianEigenMonitor's residual bar for cold starts, tol/100. With the default
+    tol/10, seed 304 certifies lambda_2 (its start has |c_1/c_2| = 3e-3)."""
+    n, tol = 300, 1e-3
+    for seed in range(400):
+        g = torch.Generator().manual_seed(seed)
+        A = torch.diag(torch.cat([torch.tensor([1.0, 0.99]), torch.rand(n - 2, generator=g) * 0.8 - 0.02]).double())
+        res = lanczos(
+            lambda x: A @ x, torch.randn(n, dtype=torch.float64, generator=g), max_iter=n, tol=tol, residual_factor=0.01
+        )
+        assert res.converged and abs(res.eigenvalues[0].item() - 1.0) <= tol, seed
+
+
+@pytest.mark.parametrize("hard", [False, True])
+def test_warm_start_with_residual_at_tol_stays_within_tol(hard):
+    """The monitor's warm start (previous eigenvector + 10% noise, residual bar = tol) after the operator moved:
+    lambda_2/lambda_1 = 0.99, the top eigenvector rotated by 0.05 rad and lambda_max scaled by 1.01, with a
+    network-like spectrum below or (``hard``) a dense one up to 0.95."""
+    n, tol = 300, 1e-3
+    for seed in range(20):
+        g = torch.Generator().manual_seed(seed)
+        rest = torch.rand(n - 2, generator=g) * 1.25 - 0.3 if hard else torch.rand(n - 2, generator=g) * 0.8 - 0.02
+        eigs = torch.cat([torch.tensor([1.0, 0.99]), rest]).tolist()
+        _, Q = spectrum_matrix(eigs, seed)
+        c, s = math.cos(0.05), math.sin(0.05)
+        Q2 = Q.clone()
+        Q2[:, 0], Q2[:, 2] = c * Q[:, 0] + s * Q[:, 2], -s * Q[:, 0] + c * Q[:, 2]
+        A2 = Q2 @ torch.diag(torch.tensor([1.01] + eigs[1:], dtype=torch.float64)) @ Q2.T
+        noise = torch.randn(n, dtype=torch.float64, generator=g)
+        v0 = Q[:, 0] + 0.1 * noise / noise.norm()  # the previous top eigenvector
+        res = lanczos(lambda x: A2 @ x, v0, max_iter=n, tol=tol, residual_factor=1.0)
+        assert res.converged and abs(res.eigenvalues[0].item() - 1.01) <= tol * 1.01
 
 
 def test_warm_start_follows_a_changed_top_direction():
