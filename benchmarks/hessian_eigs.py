@@ -5,8 +5,8 @@
 
 1. Synthetic symmetric operators with lambda_2 / lambda_1 = 0.99 (n = 2000), cold starts and warm starts after
    the operator moved (top eigenvector rotated by ~3 degrees). PyHessian is run as shipped (its stopping rule:
-   relative change < 1e-3) on a module whose loss Hessian is the operator; it and our Lanczos also with an oracle stop (the
-   first iteration whose error is <= 1e-3). eigsh gets ``tol=1e-3`` and, warm, ``v0`` = previous eigenvector.
+   relative change < 1e-3) on a module whose loss Hessian is the operator; it and our Lanczos also with an oracle
+   stop (the first iteration whose error is <= 1e-3). eigsh gets ``tol=1e-3`` and, warm, ``v0`` = previous eigenvector.
 2. A digits MLP (sklearn, 2410 parameters) after a few epochs, probe of 256 samples: lambda_max against the
    dense Hessian (``torch.autograd.functional.hessian`` + ``eigvalsh``), HVPs and seconds.
 3. The cost of one HVP as a multiple of one gradient, and the amortized overhead of HessianEigenMonitor at its
