@@ -127,6 +127,9 @@ def test_warm_start_follows_a_changed_top_direction():
     v0 = Q[:, 0] + 0.1 * noise / noise.norm()
     res = lanczos(lambda x: A_new @ x, v0, max_iter=32, tol=1e-8)
     assert res.eigenvalues[0].item() == pytest.approx(3.1, rel=1e-8)
+    # with the monitor's warm-start rule (residual bar = tol = 1e-3) too
+    res = lanczos(lambda x: A_new @ x, v0, max_iter=32, tol=1e-3, residual_factor=1.0)
+    assert res.converged and res.eigenvalues[0].item() == pytest.approx(3.1, rel=1e-3)
 
 
 def test_quadrature_is_exact_for_low_degree_polynomials():
