@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
-from lightning.pytorch import Callback
+import torch
+from lightning.pytorch import Callback, Trainer
 
 
 class StepTimer(Callback):
@@ -24,3 +27,29 @@ class StepTimer(Callback):
 
 def median_step(times: list[float], warmup: int = 3) -> float:
     return statistics.median(times[warmup:])
+
+
+def quiet_trainer(**kwargs: Any) -> Trainer:
+    """A Trainer without logger, checkpoints, progress bar or model summary: only the work being measured."""
+    return Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
+
+
+def overhead_ratios(
+    fit: Callable[[list[Callback]], None], make_callback: Callable[[], Callback], repeats: int
+) -> list[float]:
+    """``repeats`` interleaved pairs of total step time with ``make_callback()`` over without, minus 1;
+    ``fit(callbacks)`` trains once from a fresh model."""
+
+    def total(callbacks: list[Callback]) -> float:
+        torch.manual_seed(0)
+        timer = StepTimer()
+        fit([*callbacks, timer])
+        return sum(timer.times)
+
+    ratios = []
+    for _ in range(repeats):
+        base = total([])
+        ratios.append(total([make_callback()]) / base - 1)
+    return ratios

@@ -271,31 +271,17 @@ def real_model(seeds: int) -> None:
 
 def amortized_overhead(repeats: int) -> None:
     sys.path.insert(0, str(Path(__file__).parent.parent / "examples"))
-    from _timing import StepTimer  # noqa: PLC0415
+    from _timing import overhead_ratios, quiet_trainer  # noqa: PLC0415
     from digits import DigitsCNN, digits_loaders  # noqa: PLC0415
-    from lightning.pytorch import Trainer  # noqa: PLC0415
 
     from lightning_lip import HessianEigenMonitor  # noqa: PLC0415
 
-    def run(callbacks) -> float:
-        torch.manual_seed(0)
-        timer = StepTimer()
-        train, _ = digits_loaders()
-        trainer = Trainer(
-            max_steps=600,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            callbacks=[*callbacks, timer],
-        )
-        trainer.fit(DigitsCNN(), train)
-        return sum(timer.times)
-
-    ratios = []
-    for _ in range(repeats):
-        base = run([])
-        ratios.append(run([HessianEigenMonitor()]) / base - 1)
+    train, _ = digits_loaders()
+    ratios = overhead_ratios(
+        lambda callbacks: quiet_trainer(max_steps=600, callbacks=callbacks).fit(DigitsCNN(), train),
+        HessianEigenMonitor,
+        repeats,
+    )
     print(
         f"\n## 3. Amortized overhead, HessianEigenMonitor() defaults (every 200 steps, 256-sample probe), digits CNN, "
         f"600 steps of batch 64: {100 * statistics.median(ratios):+.1f}% (median of {repeats} interleaved pairs)"

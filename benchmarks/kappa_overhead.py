@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import LightningModule
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import StepTimer, median_step  # noqa: E402
+from _timing import StepTimer, median_step, quiet_trainer  # noqa: E402
 
 from lightning_lip import KappaBudgetProjection  # noqa: E402
 from lightning_lip.functional import operator_norm  # noqa: E402
@@ -136,15 +136,7 @@ def spectral_norm_comparison() -> None:
 
 
 def _fit(model, data, callbacks, epochs: int = 2) -> None:
-    Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
-        callbacks=callbacks,
-    ).fit(model, data)
+    quiet_trainer(max_epochs=epochs, accelerator="cpu", callbacks=callbacks).fit(model, data)
 
 
 if __name__ == "__main__":

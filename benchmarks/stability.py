@@ -23,12 +23,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule
 from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import StepTimer, quiet_trainer  # noqa: E402
+
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry  # noqa: E402
 
 
@@ -113,15 +116,7 @@ def run(lr: float, method: str, seed: int, epochs: int, full_batch: bool) -> flo
             ),
             CurvatureLRController(mode=method, signal="hessian"),
         ]
-    trainer = Trainer(
-        max_epochs=epochs,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=1.0 if method == "clip" else None,
-        callbacks=callbacks,
-    )
+    trainer = quiet_trainer(max_epochs=epochs, gradient_clip_val=1.0 if method == "clip" else None, callbacks=callbacks)
     trainer.fit(model, train)
     if model.diverged:
         return None
@@ -138,9 +133,7 @@ def lr_find_pick(full_batch: bool) -> float:
     torch.manual_seed(0)
     train, _ = data(full_batch)
     model = MLP(0.1, "baseline", 1)
-    trainer = Trainer(  # enough epochs for 100 full-batch steps
-        max_epochs=200, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
+    trainer = quiet_trainer(max_epochs=200)  # enough epochs for 100 full-batch steps
     finder = Tuner(trainer).lr_find(model, train_dataloaders=train, min_lr=1e-4, max_lr=100.0, num_training=100)
     suggestion = finder.suggestion()
     return math.nan if suggestion is None else float(suggestion)
@@ -177,17 +170,6 @@ def sweep(seeds: int, epochs: int, full_batch: bool, lrs: list[float]) -> None:
         if ok
         else f"\n`lr_find` suggests lr = {pick:.3g}: diverged."
     )
-
-
-class StepTimer(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_start(self, *args):
-        self._t = time.perf_counter()
-
-    def on_train_batch_end(self, *args):
-        self.times.append(time.perf_counter() - self._t)
 
 
 class Feed(HessianEigenMonitor):
@@ -244,14 +226,8 @@ def overhead(repeats: int) -> None:
             torch.manual_seed(0)
             timer = StepTimer()
             TimedController.spent = 0.0
-            trainer = Trainer(
-                max_epochs=1,
-                max_steps=60,
-                logger=False,
-                enable_checkpointing=False,
-                enable_progress_bar=False,
-                enable_model_summary=False,
-                callbacks=[Feed(), TimedController(signal="hessian"), timer],
+            trainer = quiet_trainer(
+                max_epochs=1, max_steps=60, callbacks=[Feed(), TimedController(signal="hessian"), timer]
             )
             trainer.fit(make_model(), loader)
             steps.append(statistics.median(timer.times[5:]))

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lightning_lip.functional.spectral import (
+    _with_adjoint,
     lanczos_svd,
     layer_operator,
     operator_norm,
@@ -160,3 +161,14 @@ def test_proportional_budget_under_and_over():
     assert math.prod(kappas.values()) == pytest.approx(2.0, rel=1e-12)
     ratios = [kappas[k] / over[k] for k in over]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-12)  # same shrink of every log sigma
+
+
+def test_linear_operator_adjoint_is_the_transpose():
+    """The explicit adjoint of a Linear's operator is the transpose of the dense Jacobian."""
+    layer = nn.Linear(7, 5).double()
+    operator = layer_operator(layer)
+    v, u = torch.randn(7, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    y, adjoint = _with_adjoint(operator, v)
+    torch.testing.assert_close(y, layer.weight.detach() @ v, rtol=1e-15, atol=1e-15)
+    dense = dense_operator(layer, (7,))  # jacrev of the module's own forward
+    torch.testing.assert_close(adjoint(u), dense.T @ u, rtol=1e-14, atol=1e-14)
