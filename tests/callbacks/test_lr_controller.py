@@ -289,3 +289,14 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_when_skipping(tmp_path)
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
         fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller])
     assert controller.states[0].n_emergencies == 1 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("loss", "finite"),
+    [(1.0, True), (math.nan, False), (math.inf, False), ([1.0, 2.0], True), ([1.0, math.nan], False)],
+)
+def test_loss_check_of_scalar_and_non_scalar_losses(loss, finite):
+    """Scalar losses are read with `.item()`; a non-scalar one (manual optimization) is checked element-wise."""
+    controller = CurvatureLRController()
+    controller.on_before_backward(None, None, torch.tensor(loss))
+    assert controller._loss_finite is finite
