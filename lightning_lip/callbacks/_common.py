@@ -121,15 +121,18 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 class LayerShapes:
-    """One sample's input and output shapes of layers, recorded by forward hooks, and the layers' true operators."""
+    """One sample's input and output shapes of convolutions, recorded by forward hooks, and the layers' true
+    operators."""
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._handles: list[Any] = []
 
     def attach(self, layers: dict[str, nn.Module]) -> None:
+        """Hook the convolutions; a ``Linear``'s operator needs no shape (and a hook would slow every forward)."""
         for name, layer in layers.items():
-            self._handles.append(layer.register_forward_hook(partial(self._record, name)))
+            if not isinstance(layer, nn.Linear):
+                self._handles.append(layer.register_forward_hook(partial(self._record, name)))
 
     def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         self.shapes[name] = (sample_shape(module, args[0]), sample_shape(module, output))
