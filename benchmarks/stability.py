@@ -9,7 +9,8 @@ HessianEigenMonitor every 10 steps, every 5 in full batch, 5-HVP warm Lanczos on
 clipping at 1; AdGD (Malitsky & Mishchenko 2020, the adaptive secant step with the secant on one batch, capped by
 the nominal LR); linear LR warm-up over the first 20% of steps; and the LR Lightning's ``lr_find`` suggests (one
 row, independent of the grid). Reported: final validation accuracy (%) averaged over seeds, "div" when a seed
-diverged (non-finite loss). Then the controller's per-step overhead when fed by the registry.
+diverged (non-finite loss). Then strict mode with larger margins, and the controller's per-step overhead when fed
+by the registry.
 """
 
 from __future__ import annotations
@@ -102,8 +103,8 @@ class AdGD(torch.optim.Optimizer):
         return loss
 
 
-def run(lr: float, method: str, seed: int, epochs: int, full_batch: bool) -> float | None:
-    """Validation accuracy (%) after training, ``None`` if the loss became non-finite."""
+def run(lr: float, method: str, seed: int, epochs: int, full_batch: bool, margin: float = 0.5) -> float | None:
+    """Validation accuracy (%) after training, ``None`` if the loss became non-finite; ``margin`` of the controller."""
     torch.manual_seed(seed)
     train, (xv, yv) = data(full_batch)
     steps = epochs * len(train)
@@ -114,7 +115,7 @@ def run(lr: float, method: str, seed: int, epochs: int, full_batch: bool) -> flo
             HessianEigenMonitor(
                 every_n_steps=5 if full_batch else 10, max_iter=5, num_samples=256, cold_every_n_runs=0
             ),
-            CurvatureLRController(mode=method, signal="hessian"),
+            CurvatureLRController(mode=method, signal="hessian", margin=margin),
         ]
     trainer = quiet_trainer(max_epochs=epochs, gradient_clip_val=1.0 if method == "clip" else None, callbacks=callbacks)
     trainer.fit(model, train)
@@ -142,6 +143,15 @@ def lr_find_pick(full_batch: bool) -> float:
 METHODS = ["baseline", "guard", "strict", "clip", "adgd", "warmup"]
 
 
+def cell(accs: list[float | None], show_min: bool = False) -> str:
+    """Mean accuracy of the runs that did not diverge (and their minimum), with the count of those that did."""
+    ok = [a for a in accs if a is not None]
+    if not ok:
+        return "div"
+    text = f"{statistics.mean(ok):.1f}" + (f" (min {min(ok):.1f})" if show_min else "")
+    return text + ("" if len(ok) == len(accs) else f" ({len(accs) - len(ok)} div)")
+
+
 def sweep(seeds: int, epochs: int, full_batch: bool, lrs: list[float]) -> None:
     label = "full-batch GD" if full_batch else "SGD, batch 64"
     print(f"\n## {label}, {epochs} epochs, mean validation accuracy (%) over {seeds} seeds\n")
@@ -150,13 +160,7 @@ def sweep(seeds: int, epochs: int, full_batch: bool, lrs: list[float]) -> None:
     for lr in lrs:
         cells = []
         for method in METHODS:
-            accs = [run(lr, method, seed, epochs, full_batch) for seed in range(seeds)]
-            ok = [a for a in accs if a is not None]
-            cells.append(
-                f"{statistics.mean(ok):.1f}" + ("" if len(ok) == seeds else f" ({seeds - len(ok)} div)")
-                if ok
-                else "div"
-            )
+            cells.append(cell([run(lr, method, seed, epochs, full_batch) for seed in range(seeds)]))
         print(f"| {lr:g} | " + " | ".join(cells) + " |")
     pick = lr_find_pick(full_batch)
     if math.isnan(pick):
@@ -239,6 +243,16 @@ def overhead(repeats: int) -> None:
         print(f"| {label} | {1e3 * step:.2f} | {1e6 * own:.0f} | {100 * own / step:.2f}% |")
 
 
+def margin_sweep(seeds: int, epochs: int, margins: list[float], lrs: list[float]) -> None:
+    """Strict mode with larger margins (mini-batches): accuracy at the best LRs against collapse at large ones."""
+    print(f"\n## Strict mode by margin, batch 64, {epochs} epochs, mean validation accuracy over {seeds} seeds\n")
+    print("| margin | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |")
+    print("|---" * (len(lrs) + 1) + "|")
+    for margin in margins:
+        accs = [[run(lr, "strict", seed, epochs, False, margin) for seed in range(seeds)] for lr in lrs]
+        print(f"| {margin:g} | " + " | ".join(cell(a, show_min=True) for a in accs) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
@@ -247,6 +261,7 @@ def main() -> None:
     torch.set_num_threads(1)
     sweep(args.seeds, args.epochs, False, [0.1, 0.3, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
     sweep(args.seeds, 150, True, [0.3, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+    margin_sweep(args.seeds, args.epochs, [0.5, 0.7, 0.9], [0.3, 1.0, 4.0, 32.0])
     overhead(5)
 
 
