@@ -154,12 +154,17 @@ def test_forecast_is_lognormal():
     assert abs(k.std().item() - std) / std < 0.01
 
 
+def weight_and_steps(shape, n, seed):
+    """A random weight, a mean step (scale 0.1) and ``n`` centred per-sample deviations (scale 0.05)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(*shape, generator=g, dtype=DT)
+    mean = 0.1 * torch.randn(*shape, generator=g, dtype=DT)
+    noise = 0.05 * torch.randn(n, *shape, generator=g, dtype=DT)
+    return w, mean, noise - noise.mean(0)
+
+
 def test_operator_dynamics_equal_the_closed_form_for_a_matrix():
-    g = torch.Generator().manual_seed(5)
-    w = torch.randn(7, 4, generator=g, dtype=DT)
-    mean = 0.1 * torch.randn(7, 4, generator=g, dtype=DT)
-    noise = 0.05 * torch.randn(6, 7, 4, generator=g, dtype=DT)
-    noise = noise - noise.mean(0)
+    w, mean, noise = weight_and_steps((7, 4), 6, seed=5)
     u, s, v = svd(w)
     ref = sigma_dynamics(u, s, v, mean, noise, batch_size=10)
     got = operator_sigma_dynamics(lambda m, x: m @ x, w, u[:, 0], s[0], v[:, 0], mean, noise, batch_size=10)
@@ -200,11 +205,7 @@ def test_operator_dynamics_of_a_conv_equal_the_dense_operator(padding_mode):
 
 
 def test_subsampled_noise_curvature_is_unbiased_and_the_rest_exact():
-    g = torch.Generator().manual_seed(8)
-    w = torch.randn(6, 5, generator=g, dtype=DT)
-    mean = 0.1 * torch.randn(6, 5, generator=g, dtype=DT)
-    noise = 0.05 * torch.randn(40, 6, 5, generator=g, dtype=DT)
-    noise = noise - noise.mean(0)
+    w, mean, noise = weight_and_steps((6, 5), 40, seed=8)
     u, s, v = svd(w)
     full = sigma_dynamics(u, s, v, mean, noise)
     apply = lambda m, x: m @ x  # noqa: E731
