@@ -41,7 +41,7 @@ def summary(trainer, model, callbacks):
         "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         "sigmas": kappa.sigmas,
         "hessian": {k: v for k, v in monitor.last.items() if k != "lip/hessian/seconds"},
-        "noise": {k: v for k, v in noise.last.items() if k != "lip/noise/seconds"},
+        "noise": {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")},
         "throttle": [vars(s) for s in controller.states],
         "lr": registry.get("lr/effective"),
     }
@@ -132,6 +132,7 @@ DOCUMENTED_TAGS = [
     "lip/noise/n_samples",
     "lip/noise/n_skipped",
     "lip/noise/seconds",
+    "lip/noise/overhead",
     "lip/lr/effective",
     "lip/lr/scheduled",
     "lip/lr/throttle",

@@ -120,6 +120,48 @@ def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"`{name}` must be one of {choices}, got {value!r}.")
 
 
+class TimeBudget:
+    """Keeps a callback's own time within a fraction of the training time it rides on (both in seconds).
+
+    The callback reports each stretch of its own work with :meth:`spend`; :meth:`allows` says whether one more
+    measurement, assumed to cost as much as the last one (with its follow-ups), keeps
+    ``own <= fraction * (wall - own)``, the overhead a side-by-side timing would show. Wall time runs from
+    :meth:`start` and adds up over resumed runs through the state dict.
+    """
+
+    def __init__(self, fraction: float) -> None:
+        self.fraction = fraction
+        self.own = 0.0  # seconds spent by the callback
+        self.last_cost = 0.0  # seconds of the last measurement and its follow-ups
+        self._wall_before = 0.0  # wall seconds of earlier (checkpointed) runs
+        self._start: float | None = None
+
+    def start(self, now: float) -> None:
+        self._start = now
+
+    def wall(self, now: float) -> float:
+        return self._wall_before + (0.0 if self._start is None else now - self._start)
+
+    def overhead(self, now: float) -> float:
+        """Own time over training time so far."""
+        train = self.wall(now) - self.own
+        return self.own / train if train > 0 else 0.0
+
+    def allows(self, now: float) -> bool:
+        return self.own + self.last_cost <= self.fraction * (self.wall(now) - self.own)
+
+    def spend(self, seconds: float, new_measurement: bool = False) -> None:
+        """Count ``seconds`` of own work: a new measurement's, or a follow-up of the last one."""
+        self.own += seconds
+        self.last_cost = seconds if new_measurement else self.last_cost + seconds
+
+    def state_dict(self, now: float) -> dict[str, float]:
+        return {"own": self.own, "last_cost": self.last_cost, "wall": self.wall(now)}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.own, self.last_cost, self._wall_before = state["own"], state["last_cost"], state["wall"]
+
+
 class LayerShapes:
     """One sample's input and output shapes of convolutions, recorded by forward hooks, and the layers' true
     operators."""

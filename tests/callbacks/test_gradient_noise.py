@@ -8,6 +8,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
+from lightning_lip.callbacks._common import TimeBudget
 from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_operator_norm
 
@@ -219,7 +220,9 @@ def test_resume_continues_exactly(tmp_path):
     torch.load(tmp_path / "c.ckpt", weights_only=True)
     _, second = run(tmp_path / "b", 4, ckpt=tmp_path / "c.ckpt")
     assert second.n_runs == full.n_runs == 5
-    assert second.last == pytest.approx(full.last | {"lip/noise/seconds": second.last["lip/noise/seconds"]})
+    timings = {key: second.last[key] for key in ("lip/noise/seconds", "lip/noise/overhead")}
+    assert second.last == pytest.approx(full.last | timings)
+    assert second._budget.own > full._budget.last_cost  # the time budget carries over the resume
 
 
 @pytest.mark.parametrize(
@@ -229,6 +232,8 @@ def test_resume_continues_exactly(tmp_path):
         (dict(chunk_size=0), "chunk_size"),
         (dict(max_samples=1), "max_samples"),
         (dict(k=0), "`k`"),
+        (dict(max_overhead=0.0), "max_overhead"),
+        (dict(max_overhead=1.5), "max_overhead"),
     ],
 )
 def test_bad_arguments(kwargs, match):
@@ -247,6 +252,7 @@ def test_ddp_equals_single_process_on_the_global_batch(tmp_path):
 
     rank0, rank1 = run_ddp("ddp_noise.py", tmp_path)
     assert rank0["last"] == rank1["last"]
+    assert rank0["budgeted_steps"] == rank1["budgeted_steps"] == [10, 20]  # rank 0's budget decides
     net = mlp((8, 12, 4))
     net.load_state_dict({k[len("net.") :]: v for k, v in rank0["params"].items()})
     x, y = torch.cat([rank0["x"], rank1["x"]]), torch.cat([rank0["y"], rank1["y"]])
@@ -254,3 +260,38 @@ def test_ddp_equals_single_process_on_the_global_batch(tmp_path):
     assert rank0["last"]["lip/noise/n_samples"] == 16
     assert rank0["last"]["lip/noise/trace"] == pytest.approx(torch.cov(grads.T).trace().item(), rel=1e-5)
     assert rank0["last"]["lip/noise/grad_norm_sq"] == pytest.approx(grads.mean(0).square().sum().item(), rel=1e-5)
+
+
+def test_time_budget_keeps_own_time_within_the_fraction_of_training_time():
+    budget = TimeBudget(0.1)
+    budget.start(100.0)
+    assert budget.allows(100.0)  # nothing spent: the first measurement is always allowed
+    budget.spend(2.0, new_measurement=True)
+    budget.spend(1.0)  # its follow-up (the next step's prediction)
+    assert (budget.own, budget.last_cost) == (3.0, 3.0)
+    # one more costs 3 s: own 6 s <= 0.1 x training time (wall - 3 s) needs a wall time of 63 s
+    assert not budget.allows(100.0 + 62.9) and budget.allows(100.0 + 63.0)
+    assert budget.overhead(163.0) == pytest.approx(3.0 / 60.0)
+    resumed = TimeBudget(0.1)
+    resumed.load_state_dict(budget.state_dict(130.0))
+    resumed.start(0.0)
+    assert not resumed.allows(32.9) and resumed.allows(33.0)  # 30 s before the checkpoint count
+
+
+@pytest.mark.parametrize(("max_overhead", "steps"), [(1e-9, [10]), (1.0, [10, 20, 30, 40, 50, 60])])
+def test_default_cadence_follows_the_time_budget(tmp_path, monkeypatch, max_overhead, steps):
+    """Without ``every_n_steps`` the candidate steps are multiples of 10: the first is always measured; with a
+    negligible budget no other one, with a budget that always allows (the clock patched) every one."""
+    if max_overhead == 1.0:
+        monkeypatch.setattr(TimeBudget, "allows", lambda self, now: True)
+
+    class Steps(GradientNoiseEstimator):
+        def measure(self, trainer, pl_module, optimizer, batch, step_batch):
+            self.steps.append(trainer.global_step + 1)
+            return super().measure(trainer, pl_module, optimizer, batch, step_batch)
+
+    noise = Steps(max_overhead=max_overhead)
+    noise.steps = []
+    fit(tmp_path, Classifier(mlp()), random_data(240), [noise], max_steps=60, batch_size=4)
+    assert noise.steps == steps
+    assert noise.overhead > 0 and noise.last["lip/noise/overhead"] > 0

@@ -23,7 +23,7 @@ if __name__ == "__main__":
     metrics = {
         "sigmas": kappa.sigmas,
         "hessian": {k: v for k, v in monitor.last.items() if k != "lip/hessian/seconds"},
-        "noise": {k: v for k, v in noise.last.items() if k != "lip/noise/seconds"},
+        "noise": {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")},
         "throttle": [vars(s) for s in controller.states],
     }
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}

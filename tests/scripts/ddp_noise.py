@@ -1,11 +1,14 @@
-"""2-process DDP run of GradientNoiseEstimator; each rank saves its last metrics, batch shard and parameters."""
+"""2-process DDP run of GradientNoiseEstimator; each rank saves its last metrics, batch shard and parameters, and
+the steps a time-budgeted estimator measured when the ranks' clocks disagree (rank 0 always within budget)."""
 
+import os
 import sys
 
 import torch
 from lightning.pytorch import Trainer
 
 from lightning_lip import GradientNoiseEstimator
+from lightning_lip.callbacks._common import TimeBudget
 from tests.ddp import ddp_trainer_kwargs
 from tests.models import Classifier, loader, mlp, random_data
 
@@ -16,14 +19,26 @@ class LastBatch(GradientNoiseEstimator):
         return super().measure(trainer, pl_module, optimizer, batch, step_batch)
 
 
+class Steps(GradientNoiseEstimator):
+    def measure(self, trainer, pl_module, optimizer, batch, step_batch):
+        self.steps.append(trainer.global_step + 1)
+        return super().measure(trainer, pl_module, optimizer, batch, step_batch)
+
+
 if __name__ == "__main__":
     out = sys.argv[1]
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = Classifier(mlp((8, 12, 4)), lr=0.1)
-    noise = LastBatch(every_n_steps=2)
-    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[noise]))
-    trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))  # 4 steps; measured before steps 2 and 4
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    TimeBudget.allows = lambda self, now: rank == 0
+    noise, budgeted = LastBatch(every_n_steps=2), Steps(layers=["net.0"])
+    budgeted.steps = []
+    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[noise, budgeted], max_epochs=5))
+    trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))  # 20 steps; measured before every even one
     (x, y), params = noise.seen
-    last = {k: v for k, v in noise.last.items() if k != "lip/noise/seconds"}
-    torch.save({"last": last, "x": x, "y": y, "params": params}, f"{out}/rank{trainer.global_rank}.pt")
+    last = {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")}
+    torch.save(
+        {"last": last, "x": x, "y": y, "params": params, "budgeted_steps": budgeted.steps},
+        f"{out}/rank{trainer.global_rank}.pt",
+    )
