@@ -182,14 +182,15 @@ def power_iteration(operator: Operator, v: Tensor, n_iter: int = 1, tol: float =
     if n_iter < 1:
         raise ValueError(f"`n_iter` must be >= 1, got {n_iter}.")
     tiny = torch.finfo(v.dtype).tiny
-    v = v / v.norm().clamp_min(tiny)
+    norm = torch.linalg.vector_norm  # not Tensor.norm: its Python wrapper costs as much as the norm of a small layer
+    v = v / norm(v).clamp_min(tiny)
     last = math.inf
     for i in range(1, n_iter + 1):
         y, adjoint = _with_adjoint(operator, v)
-        y_norm = y.norm()
+        y_norm = norm(y)
         u = y / y_norm.clamp_min(tiny)
         x = adjoint(u)
-        sigma = x.norm()
+        sigma = norm(x)
         v = x / sigma.clamp_min(tiny)
         if tol > 0:
             s = sigma.item()
