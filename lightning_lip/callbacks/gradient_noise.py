@@ -206,9 +206,12 @@ class GradientNoiseEstimator(Callback):
     ) -> None:
         if self._batch is None:
             return
+        follow_up = self._sample is not None
+        if not (follow_up or self.should_run(trainer.global_step + 1)):
+            return
         start = time.perf_counter()
         step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size)
-        if self._sample is not None:
+        if follow_up:
             self._expected = self._predict(optimizer, self._sample, step_batch, follow_up=True)
             self._sample = None
             self._budget.spend(time.perf_counter() - start)
