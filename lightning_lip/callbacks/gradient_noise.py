@@ -206,8 +206,8 @@ class GradientNoiseEstimator(Callback):
     ) -> None:
         if self._batch is None:
             return
-        follow_up = self._sample is not None
-        if not (follow_up or self.should_run(trainer.global_step + 1)):
+        follow_up, due = self._sample is not None, self.should_run(trainer.global_step + 1)
+        if not (follow_up or due):
             return
         start = time.perf_counter()
         step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size)
@@ -215,7 +215,7 @@ class GradientNoiseEstimator(Callback):
             self._expected = self._predict(optimizer, self._sample, step_batch, follow_up=True)
             self._sample = None
             self._budget.spend(time.perf_counter() - start)
-        if not (self.should_run(trainer.global_step + 1) and self._within_budget(trainer)):
+        if not (due and self._within_budget(trainer)):
             return
         start = time.perf_counter()
         metrics = self.measure(trainer, pl_module, optimizer, self._batch, step_batch)

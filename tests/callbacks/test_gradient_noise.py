@@ -295,3 +295,23 @@ def test_default_cadence_follows_the_time_budget(tmp_path, monkeypatch, max_over
     fit(tmp_path, Classifier(mlp()), random_data(240), [noise], max_steps=60, batch_size=4)
     assert noise.steps == steps
     assert noise.overhead > 0 and noise.last["lip/noise/overhead"] > 0
+
+
+def test_convolution_sigmas_of_measurements_and_follow_ups_equal_the_dense_norm(tmp_path):
+    """Every sigma of a convolution (a new measurement from a noisy warm start, and the follow-ups one step later
+    from the vector just found with little noise) equals matrix_norm(ord=2) of the dense operator; Lanczos stops at
+    1e-7 on sigma^2, so sigma is within ~5e-8: 1e-6 relative."""
+    checked = []
+
+    class Checked(GradientNoiseEstimator):
+        def _top_triplet(self, name, layer, follow_up=False):
+            u, sigma, v = super()._top_triplet(name, layer, follow_up)
+            dense = dense_operator_norm(layer.double(), self._shapes.shapes[name][0])
+            layer.float()
+            checked.append(follow_up)
+            assert sigma.item() == pytest.approx(dense, rel=1e-6), (name, follow_up)
+            return u, sigma, v
+
+    torch.manual_seed(0)
+    fit(tmp_path, Classifier(cnn(), momentum=0.9), random_data(64, (1, 8, 8)), [Checked(every_n_steps=3)], max_epochs=2)
+    assert checked.count(False) >= 4 and checked.count(True) >= 8  # 2 conv layers: measurements and follow-ups
