@@ -42,7 +42,7 @@ class SmoothThrottle(CurvatureLRController):
     """Move the throttle 30% of the way to its target each step; cut at once only above the threshold itself."""
 
     def throttle(self, ratio: float, state: ThrottleState) -> float:
-        target = min(1.0, self.bound / ratio) if ratio > 0 else 1.0
+        target = min(1.0, state.bound / ratio) if ratio > 0 else 1.0
         if ratio * state.throttle > 1.0:  # beyond the stability threshold: no smoothing
             return target
         return state.throttle + 0.3 * (target - state.throttle)

@@ -97,7 +97,7 @@ def callbacks(max_lipschitz: float) -> list:
         KappaBudgetProjection(max_lipschitz=max_lipschitz),
         HessianEigenMonitor(every_n_steps=25, max_iter=20, density=True),
         GradientNoiseEstimator(every_n_steps=25),
-        CurvatureLRController(mode="strict"),
+        CurvatureLRController(),
     ]
 
 

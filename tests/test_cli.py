@@ -37,7 +37,9 @@ trainer:
         predict: false
     - class_path: lightning_lip.CurvatureLRController
       init_args:
-        mode: guard
+        mode: adaptive
+        max_ratio: 2.5
+        spike_factor: 2.0
         s_min: 0.05
         signal: hessian
         skip_nonfinite: true
@@ -56,8 +58,9 @@ trainer:
     noise = next(c for c in cli.trainer.callbacks if isinstance(c, GradientNoiseEstimator))
     assert (noise.every_n_steps, noise.layers, noise.chunk_size, noise.predict) == (20, ["net"], 16, False)
     controller = next(c for c in cli.trainer.callbacks if isinstance(c, CurvatureLRController))
+    assert (controller.mode, controller.max_ratio, controller.spike_factor) == ("adaptive", 2.5, 2.0)
     assert (controller.mode, controller.s_min, controller.signal, controller.skip_nonfinite) == (
-        "guard",
+        "adaptive",
         0.05,
         "hessian",
         True,

@@ -136,11 +136,14 @@ DOCUMENTED_TAGS = [
     "lip/lr/effective",
     "lip/lr/scheduled",
     "lip/lr/throttle",
+    "lip/lr/bound",
     "lip/lr/ratio",
     "lip/lr/threshold",
     "lip/lr/signal",
     "lip/lr/n_cuts",
     "lip/lr/n_recoveries",
+    "lip/lr/n_emergencies",
+    "lip/lr/n_spikes",
 ]
 
 

@@ -61,4 +61,4 @@ def test_config_yaml_configures_all_four_callbacks(monkeypatch):
     kinds = {type(c) for c in cli.trainer.callbacks}
     assert {KappaBudgetProjection, HessianEigenMonitor, GradientNoiseEstimator, CurvatureLRController} <= kinds
     controller = next(c for c in cli.trainer.callbacks if isinstance(c, CurvatureLRController))
-    assert (controller.mode, controller.margin, controller.signal) == ("strict", 0.5, "hessian")
+    assert (controller.mode, controller.margin, controller.signal) == ("adaptive", 0.5, "hessian")

@@ -72,7 +72,7 @@ _LAYOUT: dict[str, dict[str, list[Any]]] = {
     },
     "CurvatureLRController": {
         "lr: scheduled vs effective": ["Multiline", ["lip/lr/scheduled", "lip/lr/effective"]],
-        "lr: throttle and ratio": ["Multiline", ["lip/lr/throttle.*", "lip/lr/ratio"]],
+        "lr: throttle and ratio": ["Multiline", ["lip/lr/throttle.*", "lip/lr/ratio", "lip/lr/bound"]],
     },
 }
 

@@ -290,7 +290,10 @@ class HessianEigenMonitor(Callback):
     def _distributed(self, trainer: Trainer, hvp: Any, n_local: float, scaling: Tensor | None) -> Any:
         """Average the product over ranks weighted by probe size, and precondition it for Adam."""
         world = trainer.world_size
-        n_total = float(trainer.strategy.reduce(torch.tensor(n_local), reduce_op="sum")) if world > 1 else n_local
+        n_total = n_local
+        if world > 1:  # on the strategy's device: NCCL reduces device tensors only
+            count = torch.tensor(n_local, device=trainer.strategy.root_device)
+            n_total = float(trainer.strategy.reduce(count, reduce_op="sum"))
 
         def matvec(v: Tensor) -> Tensor:
             x = v if scaling is None else v * scaling

@@ -39,12 +39,15 @@ class ThrottleState:
 
     Attributes:
         throttle: current throttle ``s`` in ``[s_min, 1]``.
+        bound: the bound the policy keeps the effective ratio :math:`s\,r` under (``margin`` in strict mode, 1 in
+            guard mode, moving between them and ``max_ratio`` in adaptive mode).
         n_cuts: cuts so far (the policy lowered ``s``).
         n_recoveries: recovery steps so far (the policy raised ``s``).
         n_emergencies: emergency cuts on a non-finite loss or gradient.
     """
 
     throttle: float = 1.0
+    bound: float = 1.0
     n_cuts: int = 0
     n_recoveries: int = 0
     n_emergencies: int = 0
@@ -72,23 +75,36 @@ class CurvatureLRController(Callback):
     controller measures once itself on the first batch (a cold probe), so that the first steps are guarded too.
     Under DDP the signal is reduced with max, so every rank sets the same learning rate.
 
-    Default policy: ``mode="strict"`` keeps :math:`s\,r \le` ``margin`` (< 1); ``mode="guard"`` only acts above the
-    threshold (:math:`s\,r \le 1`) and leaves edge-of-stability dynamics alone. Above the bound: fast cut straight to
-    it; below ``hysteresis`` times the bound: slow multiplicative recovery by ``recovery`` per step, never past
-    the bound. A non-finite loss (any rank, any accumulated micro-batch) multiplies ``s`` by ``emergency_factor``;
-    with ``skip_nonfinite=True`` the gradients are checked too (one fused pass over them) and the step's update is
-    dropped (gradients set to ``None``).
+    Default policy: the throttle keeps :math:`s\,r` under a bound (:attr:`ThrottleState.bound`). Above it: fast cut
+    straight to it; below ``hysteresis`` times it: slow multiplicative recovery by ``recovery`` per step, never past
+    it. ``mode="strict"`` holds the bound at ``margin`` (< 1); ``mode="guard"`` at 1: it only acts above the
+    threshold. ``mode="adaptive"`` (default) lets the evidence of the loss decide how close to the edge of
+    stability training may run: the bound starts at ``margin``, grows by ``bound_growth`` per step while the loss is
+    calm, up to ``max_ratio`` (above the linear threshold: mini-batch SGD trains best at the edge of stability,
+    with :math:`\eta\lambda_{max}` near 3 on digits), and halves (not below ``margin``) on a loss spike, a step
+    loss above ``spike_factor`` times the moving average of the previous ones, cutting that very step's learning
+    rate if it is over the new bound. The loss is read every step, so a blow-up is caught one step after it starts,
+    where :math:`\lambda_{max}` is measured every few; spikes need a positive loss (cross-entropy, MSE), and with a
+    negative one the bound stays at ``margin``. A non-finite loss (any rank, any accumulated micro-batch)
+    multiplies ``s`` by ``emergency_factor``; with ``skip_nonfinite=True`` the gradients are checked too (one fused
+    pass over them) and the step's update is dropped (gradients set to ``None``). Under DDP the step loss is the
+    mean over ranks.
 
-    Logged: ``lip/lr/effective``, ``scheduled``, ``throttle``, ``ratio`` (:math:`s\,r`, effective), ``threshold``,
-    ``signal``, and the events ``n_cuts``, ``n_recoveries``, ``n_emergencies`` (with several param groups, for the
-    least stable one, plus ``lip/lr/throttle/group_<i>``). Registry: ``lr/throttle``, ``lr/effective`` (lists per
-    param group).
+    Logged: ``lip/lr/effective``, ``scheduled``, ``throttle``, ``ratio`` (:math:`s\,r`, effective), ``bound``,
+    ``threshold``, ``signal``, and the events ``n_cuts``, ``n_recoveries``, ``n_emergencies``, ``n_spikes`` (with
+    several param groups, for the least stable one, plus ``lip/lr/throttle/group_<i>``). Registry:
+    ``lr/throttle``, ``lr/effective`` (lists per param group).
 
     Args:
-        mode: ``"strict"`` or ``"guard"``.
-        margin: bound on :math:`s\,r` in strict mode, in ``(0, 1)``. The default 0.5 leaves room for mini-batch
-            Hessians sharper than the probe's and for curvature growing between measurements (measured in
-            ``benchmarks/stability.py``: 0.9 let digits training collapse where 0.5 did not).
+        mode: ``"adaptive"``, ``"strict"`` or ``"guard"``.
+        margin: bound on :math:`s\,r` in strict mode and the adaptive bound's floor, in ``(0, 1)``. The default 0.5
+            leaves room for mini-batch Hessians sharper than the probe's and for curvature growing between
+            measurements (measured in ``benchmarks/stability.py``: 0.9 let digits training collapse where 0.5 did
+            not).
+        max_ratio: the adaptive bound's ceiling, ``>= 1``.
+        bound_growth: the adaptive bound's growth per calm step, ``>= 1``.
+        spike_factor: a step loss above this many times the moving average of the previous ones is a spike,
+            ``> 1``.
         s_min: smallest throttle, in ``(0, 1]``.
         recovery: multiplicative recovery per step, ``>= 1``.
         hysteresis: recover only while :math:`s\,r` is below this fraction of the bound, in ``(0, 1]``.
@@ -109,13 +125,18 @@ class CurvatureLRController(Callback):
         >>> trainer = Trainer(callbacks=[HessianEigenMonitor(every_n_steps=20), CurvatureLRController()])
     """
 
-    MODES = ("strict", "guard")
+    MODES = ("adaptive", "strict", "guard")
     SIGNALS = ("auto", "hessian", "probe")
+    LOSS_EMA_DECAY = 0.9  # of the moving average spikes are judged against (a memory of ~10 steps)
+    SPIKE_BACKOFF = 0.5  # the adaptive bound's factor on a spike
 
     def __init__(
         self,
-        mode: str = "strict",
+        mode: str = "adaptive",
         margin: float = 0.5,
+        max_ratio: float = 3.0,
+        bound_growth: float = 1.03,
+        spike_factor: float = 1.5,
         s_min: float = 0.01,
         recovery: float = 1.05,
         hysteresis: float = 0.8,
@@ -130,8 +151,11 @@ class CurvatureLRController(Callback):
         check_choice("mode", mode, self.MODES)
         check_fraction("margin", margin, closed=False)
         check_fraction("s_min", s_min)
-        if not (isinstance(recovery, (int, float)) and math.isfinite(recovery) and recovery >= 1):
-            raise ValueError(f"`recovery` must be a finite number >= 1, got {recovery!r}.")
+        for name, value in (("max_ratio", max_ratio), ("bound_growth", bound_growth), ("recovery", recovery)):
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 1):
+                raise ValueError(f"`{name}` must be a finite number >= 1, got {value!r}.")
+        if not (isinstance(spike_factor, (int, float)) and math.isfinite(spike_factor) and spike_factor > 1):
+            raise ValueError(f"`spike_factor` must be a finite number > 1, got {spike_factor!r}.")
         check_fraction("hysteresis", hysteresis)
         check_fraction("emergency_factor", emergency_factor)
         check_choice("signal", signal, self.SIGNALS)
@@ -141,6 +165,9 @@ class CurvatureLRController(Callback):
         check_int("probe_samples", probe_samples, 1)
         self.mode = mode
         self.margin = margin
+        self.max_ratio = max_ratio
+        self.bound_growth = bound_growth
+        self.spike_factor = spike_factor
         self.s_min = s_min
         self.recovery = recovery
         self.hysteresis = hysteresis
@@ -160,6 +187,9 @@ class CurvatureLRController(Callback):
         self._scheduled: list[float] | None = None
         self._rows: list[tuple[float, float | None, float | None]] = []
         self._loss_finite = True
+        self._step_loss = 0.0  # sum over the step's micro-batches of the (accumulation-normalized) loss
+        self.loss_ema: float | None = None
+        self.n_spikes = 0
         self._handles: list[Any] = []
         self._warn = WarnOnce()
 
@@ -169,9 +199,9 @@ class CurvatureLRController(Callback):
         return self._generate_state_key(mode=self.mode, margin=self.margin, signal=self.signal)
 
     @property
-    def bound(self) -> float:
-        """The bound the default policy keeps :math:`s\\,r` under: ``margin`` (strict) or 1 (guard)."""
-        return self.margin if self.mode == "strict" else 1.0
+    def initial_bound(self) -> float:
+        """The bound on :math:`s\\,r` a param group starts with: 1 in guard mode, ``margin`` otherwise."""
+        return 1.0 if self.mode == "guard" else self.margin
 
     def threshold(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
         """Stability threshold on :math:`\\eta\\lambda_{max}` for ``group``; ``None`` (no control) if unknown."""
@@ -181,12 +211,21 @@ class CurvatureLRController(Callback):
         """The new throttle from the unthrottled ratio :math:`r = \\eta_{sched}\\lambda_{max}/\\tau` (finite, may be
         ``<= 0``) and the group's ``state``; the result is clipped to ``[s_min, 1]``. Override to change the policy.
         """
-        bound, s = self.bound, state.throttle
+        bound, s = state.bound, state.throttle
         if ratio * s > bound:
             return bound / ratio  # fast cut to the bound
         if ratio * s < self.hysteresis * bound and s < 1.0:
             return min(1.0, s * self.recovery, bound / ratio if ratio > 0 else 1.0)  # slow recovery
         return s
+
+    def adapt(self, spike: bool, state: ThrottleState) -> float:
+        """The group's new bound on :math:`s\\,r` after a step whose loss did or did not ``spike``. Override to change
+        the policy; the default moves it in adaptive mode only."""
+        if self.mode != "adaptive":
+            return state.bound
+        if spike:
+            return max(self.margin, state.bound * self.SPIKE_BACKOFF)
+        return min(self.max_ratio, state.bound * self.bound_growth)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -226,7 +265,7 @@ class CurvatureLRController(Callback):
         if len(trainer.optimizers) > 1:
             self._warn("optimizers", "CurvatureLRController controls the first optimizer only.")
         if len(self.states) != len(optimizer.param_groups):
-            self.states = [ThrottleState() for _ in optimizer.param_groups]
+            self.states = [ThrottleState(bound=self.initial_bound) for _ in optimizer.param_groups]
         self._handles = [
             optimizer.register_step_pre_hook(partial(self._before_step, trainer)),
             optimizer.register_step_post_hook(self._after_step),
@@ -245,7 +284,8 @@ class CurvatureLRController(Callback):
         value = registry.get("hessian/lambda_max", max_age=self.max_age, step=trainer.global_step)
         lam = math.nan if value is None else float(value)
         if trainer.world_size > 1:
-            lam = float(trainer.strategy.reduce(torch.tensor(lam, dtype=torch.float64), reduce_op="max"))
+            lam_t = torch.tensor(lam, dtype=torch.float64, device=trainer.strategy.root_device)
+            lam = float(trainer.strategy.reduce(lam_t, reduce_op="max"))
         return lam if math.isfinite(lam) else None
 
     def _before_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -289,16 +329,44 @@ class CurvatureLRController(Callback):
     ) -> None:
         if self._scheduled is None or optimizer is not trainer.optimizers[0]:
             return
-        bad = float(not self._loss_finite)
-        self._loss_finite = True
+        bad, loss = float(not self._loss_finite), self._step_loss
+        self._loss_finite, self._step_loss = True, 0.0
         groups = optimizer.param_groups if self.skip_nonfinite else []  # only then are the gradients read
         params = [p for group in groups for p in group["params"] if p.grad is not None]
         if params and not bad:  # the gradients themselves: one fused pass over them
             bad = float(not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all())
-        if trainer.world_size > 1:
-            bad = float(trainer.strategy.reduce(torch.tensor(bad), reduce_op="max"))
-        if not bad:
+        if trainer.world_size > 1:  # one collective: whether any rank saw a non-finite value, and the mean loss
+            both = torch.tensor([bad, loss], dtype=torch.float64, device=trainer.strategy.root_device)
+            bad, loss = trainer.strategy.reduce(both, reduce_op="sum").tolist()
+            loss /= trainer.world_size
+        if bad:
+            self._emergency(optimizer, params)
+        else:
+            self._follow_loss(optimizer, loss)
+
+    def _follow_loss(self, optimizer: torch.optim.Optimizer, loss: float) -> None:
+        """Spike detection on this step's (finite) loss: the bounds adapt, and a group over its new bound is cut
+        before the update."""
+        if loss < 0:
+            self._warn("negative", "CurvatureLRController: a negative loss has no spikes to detect; bounds hold.")
             return
+        spike = self.loss_ema is not None and loss > self.spike_factor * self.loss_ema
+        self.n_spikes += spike
+        decay = self.LOSS_EMA_DECAY
+        self.loss_ema = loss if self.loss_ema is None else decay * self.loss_ema + (1 - decay) * loss
+        for group, state, (lr, threshold, lam) in zip(optimizer.param_groups, self.states, self._rows):
+            bound = self.adapt(spike, state)
+            if not (math.isfinite(bound) and bound > 0):
+                continue
+            state.bound = bound
+            ratio = math.nan if threshold is None or lam is None else lr * lam / threshold
+            if spike and ratio * state.throttle > bound:
+                state.throttle = max(self.s_min, bound / ratio)
+                state.n_cuts += 1
+                group["lr"] = lr * state.throttle
+
+    def _emergency(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
+        """Cut every group by ``emergency_factor`` for this step (and drop its update if ``skip_nonfinite``)."""
         self._warn(
             "nonfinite", "CurvatureLRController: non-finite loss or gradient; emergency cut of the learning rate."
         )
@@ -313,8 +381,9 @@ class CurvatureLRController(Callback):
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         # every micro-batch; `.item()` of the scalar loss is ~20x cheaper than a `torch.isfinite` dispatch
-        finite = math.isfinite(loss.item()) if loss.numel() == 1 else bool(torch.isfinite(loss.detach()).all())
-        self._loss_finite = self._loss_finite and finite
+        value = loss.item() if loss.numel() == 1 else float(loss.detach().sum())
+        self._loss_finite = self._loss_finite and math.isfinite(value)
+        self._step_loss += value
 
     def _metrics(self, rows: list[tuple[float, float | None, float | None]]) -> dict[str, float]:
         """Metrics of the least stable group (per-group throttles too with several groups) from the ``(scheduled lr,
@@ -331,9 +400,11 @@ class CurvatureLRController(Callback):
             "lip/lr/effective": lr * state.throttle,
             "lip/lr/scheduled": lr,
             "lip/lr/throttle": state.throttle,
+            "lip/lr/bound": state.bound,
             "lip/lr/n_cuts": float(sum(s.n_cuts for s in self.states)),
             "lip/lr/n_recoveries": float(sum(s.n_recoveries for s in self.states)),
             "lip/lr/n_emergencies": float(sum(s.n_emergencies for s in self.states)),
+            "lip/lr/n_spikes": float(self.n_spikes),
         }
         if threshold is not None:
             metrics["lip/lr/threshold"] = threshold
@@ -373,6 +444,8 @@ class CurvatureLRController(Callback):
             "states": [vars(s).copy() for s in self.states],
             "probe": None if self._probe is None else self._probe.state_dict(),
             "bootstrapped": self._bootstrapped,
+            "loss_ema": self.loss_ema,
+            "n_spikes": self.n_spikes,
             "last_signal": _entry_of(self._registry, "hessian/lambda_max"),
         }
 
@@ -380,6 +453,7 @@ class CurvatureLRController(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.states = [ThrottleState(**s) for s in state_dict["states"]]
         self._bootstrapped = state_dict["bootstrapped"]
+        self.loss_ema, self.n_spikes = state_dict["loss_ema"], state_dict["n_spikes"]
         self._last_signal = state_dict["last_signal"]
         if state_dict["probe"] is not None and self._probe is not None:  # setup() has run: the probe exists
             self._probe.load_state_dict(state_dict["probe"])

@@ -90,7 +90,7 @@ def test_scheduler_twin_sees_the_schedule_and_the_optimizer_half_of_it(tmp_path,
 
 def test_strict_cuts_to_the_margin_and_recovers_slowly_with_hysteresis(tmp_path):
     lam = lambda step: 40.0 if step < 6 else 1.0  # noqa: E731  lr 0.1: ratio 2.0, then 0.05
-    controller = CurvatureLRController(margin=0.9, recovery=1.5, hysteresis=0.8)
+    controller = CurvatureLRController(mode="strict", margin=0.9, recovery=1.5, hysteresis=0.8)
     model = Classifier(mlp(), lr=0.1)
     model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
     fit(tmp_path, model, [FixedSignal(lam), controller], data=random_data(256))
@@ -119,14 +119,14 @@ def test_guard_leaves_the_edge_of_stability_alone_and_acts_above_the_threshold(t
 
 def test_stale_nan_and_negative_signals_never_produce_a_bad_learning_rate(tmp_path):
     values = iter([float("nan"), -5.0, float("inf"), 1e30, 0.0, 1e-30, 40.0, 40.0])
-    controller = CurvatureLRController(s_min=0.01)
+    controller = CurvatureLRController(mode="strict", s_min=0.01)
     model = Classifier(mlp(), lr=0.1)
     model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
     fit(tmp_path, model, [FixedSignal(lambda step: next(values)), controller], data=random_data(128))
     used = [row[0] for row in model.optimizers().optimizer.used]
     assert all(math.isfinite(lr) and lr > 0 for lr in used)
     assert used[3] == pytest.approx(0.1 * 0.01)  # 1e30 hits s_min, not zero
-    stale = CurvatureLRController(max_age=2)
+    stale = CurvatureLRController(mode="strict", max_age=2)
 
     class Once(FixedSignal):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -172,7 +172,7 @@ def test_multiple_param_groups_are_throttled_separately(tmp_path):
             )
 
     model = TwoGroups(mlp())
-    controller = CurvatureLRController(margin=0.5)
+    controller = CurvatureLRController(mode="strict", margin=0.5)
     fit(tmp_path, model, [FixedSignal(lambda step: 20.0), controller])  # ratios 0.1 and 1.0
     assert model.optimizers().optimizer.used[-1] == pytest.approx([0.01, 0.05])
     assert [s.throttle for s in controller.states] == pytest.approx([1.0, 0.5])
@@ -183,7 +183,7 @@ def test_adam_uses_its_threshold(tmp_path):
         def configure_optimizers(self):
             return torch.optim.Adam(self.parameters(), lr=1.0)
 
-    controller = CurvatureLRController(margin=0.5)
+    controller = CurvatureLRController(mode="strict", margin=0.5)
     fit(tmp_path, AdamModel(mlp()), [FixedSignal(lambda step: 76.0), controller])  # threshold 38: ratio 2
     assert controller.states[0].throttle == pytest.approx(0.25)
 
@@ -191,7 +191,7 @@ def test_adam_uses_its_threshold(tmp_path):
 def test_no_signal_is_a_clear_error_or_the_probe(tmp_path):
     with pytest.raises(ValueError, match="add a HessianEigenMonitor"):
         fit(tmp_path, Classifier(mlp()), [CurvatureLRController(signal="hessian")])
-    controller = CurvatureLRController(probe_every_n_steps=2, probe_iterations=10)
+    controller = CurvatureLRController(mode="strict", probe_every_n_steps=2, probe_iterations=10)
     model = Classifier(mlp(), lr=5.0)  # far beyond 2 / lambda_max
     model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=5.0)
     trainer = fit(tmp_path, model, [controller], data=random_data(128), max_steps=3)
@@ -220,6 +220,7 @@ def test_resume_continues_exactly(tmp_path):
     torch.load(tmp_path / "c.ckpt", weights_only=True)
     _, second, model = run(tmp_path / "b", 4, ckpt=tmp_path / "c.ckpt")
     assert full.states[0].n_cuts > 0 and second.states == full.states
+    assert (second.loss_ema, second.n_spikes) == (full.loss_ema, full.n_spikes) and full.loss_ema is not None
     for a, b in zip(full_model.parameters(), model.parameters()):
         assert torch.equal(a, b)
 
@@ -233,6 +234,9 @@ def test_resume_continues_exactly(tmp_path):
         (dict(s_min=0.0), "s_min"),
         (dict(s_min=1.5), "s_min"),
         (dict(recovery=0.9), "recovery"),
+        (dict(max_ratio=0.9), "max_ratio"),
+        (dict(bound_growth=math.inf), "bound_growth"),
+        (dict(spike_factor=1.0), "spike_factor"),
         (dict(hysteresis=float("nan")), "hysteresis"),
         (dict(emergency_factor=0.0), "emergency_factor"),
         (dict(signal="secant"), "signal"),
@@ -251,7 +255,8 @@ def test_ddp_every_rank_uses_the_same_learning_rate(tmp_path):
 
     rank0, rank1 = run_ddp("ddp_lr.py", tmp_path)
     assert rank0["used"] == rank1["used"] and len(rank0["used"]) == 4
-    assert rank0["used"][-1][0] == pytest.approx(0.1 * 0.5 * 2 / (0.1 * 40.0))  # the max over ranks decided
+    assert rank0["used"][0][0] == pytest.approx(0.1 * 0.5 * 2 / (0.1 * 40.0))  # the max over ranks decided
+    assert rank0["controller"] == rank1["controller"]  # same bounds and loss average from different shards
     for key in rank0["params"]:
         assert torch.equal(rank0["params"][key], rank1["params"][key])
 
@@ -300,3 +305,70 @@ def test_loss_check_of_scalar_and_non_scalar_losses(loss, finite):
     controller = CurvatureLRController()
     controller.on_before_backward(None, None, torch.tensor(loss))
     assert controller._loss_finite is finite
+
+
+class SpikeAt(Classifier):
+    """SGD at ``lr``; the loss is multiplied by ``factor`` at step ``spike_step`` (a spike the loss reader sees)."""
+
+    def __init__(self, lr=0.01, spike_step=None, factor=3.0, shift=0.0):
+        super().__init__(mlp(), lr=lr)
+        self.spike_step, self.factor, self.shift = spike_step, factor, shift
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx) + self.shift
+        loss = loss * self.factor if self.global_step == self.spike_step else loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return RecordingSGD(self.parameters(), lr=self.lr)
+
+
+class BoundRecorder(FixedSignal):
+    """The fixed signal, plus the controller's bound after every step."""
+
+    def __init__(self, lam, controller):
+        super().__init__(lambda step: lam)
+        self.controller, self.bounds = controller, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.bounds.append(self.controller.states[0].bound)
+
+
+@pytest.mark.parametrize("mode", ["adaptive", "strict", "guard"])
+def test_adaptive_bound_grows_while_calm_and_halves_on_a_spike_cutting_that_step(tmp_path, mode):
+    controller = CurvatureLRController(mode=mode, margin=0.5, bound_growth=1.2, max_ratio=2.0, recovery=2.0)
+    recorder = BoundRecorder(400.0, controller)  # lr 0.01: unthrottled ratio 2
+    model = SpikeAt(spike_step=8)
+    fit(tmp_path, model, [recorder, controller], data=random_data(192))
+    used = [row[0] * 400.0 / 2 for row in model.optimizers().optimizer.used]  # effective ratios
+    bounds = recorder.bounds
+    assert len(used) == 12 and controller.n_spikes == 1  # the 3x loss, and no false alarm on the others
+    if mode != "adaptive":
+        assert bounds == [controller.initial_bound] * 12
+        return
+    expected = [min(2.0, 0.5 * 1.2 ** (t + 1)) for t in range(8)]  # grows from the margin, capped at max_ratio
+    assert bounds[:8] == pytest.approx(expected, rel=1e-12)
+    assert bounds[8] == pytest.approx(bounds[7] / 2, rel=1e-12) and bounds[9] == pytest.approx(bounds[8] * 1.2)
+    assert used[8] == pytest.approx(bounds[8], rel=1e-12) and used[8] < used[7]  # the spike's step is cut at once
+    in_force = [0.5, *bounds[:-1]]  # the bound each step's pre-hook saw
+    assert all(u <= b * (1 + 1e-12) for u, b in zip(used, in_force))
+    assert used[0] == pytest.approx(0.5) and max(used) > 1.0  # strict at first, beyond the threshold when calm
+
+
+def test_the_step_loss_is_the_mean_over_accumulated_micro_batches(tmp_path):
+    controller = CurvatureLRController()
+    model = SpikeAt()
+    fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], max_steps=1, accumulate_grad_batches=2)
+    assert len(model.losses) == 2
+    assert controller.loss_ema == pytest.approx(sum(model.losses) / 2, rel=1e-6)  # Lightning divides each by 2
+
+
+def test_a_negative_loss_warns_once_and_holds_the_bound(tmp_path):
+    controller = CurvatureLRController(margin=0.5)
+    recorder = BoundRecorder(400.0, controller)
+    with pytest.warns(UserWarning, match="negative loss") as record:
+        fit(tmp_path, SpikeAt(shift=-10.0), [recorder, controller])
+    assert sum("negative loss" in str(w.message) for w in record) == 1
+    assert recorder.bounds == [0.5] * 4 and controller.n_spikes == 0

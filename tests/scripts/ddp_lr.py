@@ -23,8 +23,14 @@ if __name__ == "__main__":
     torch.manual_seed(0)
     model = Classifier(mlp((8, 12, 4)), lr=0.1)
     model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
-    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[RankSignal(None), CurvatureLRController()]))
+    controller = CurvatureLRController()  # adaptive: the ranks' different losses must give the same bounds
+    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[RankSignal(None), controller]))
     trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))
     used = model.optimizers().optimizer.used
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save({"used": used, "params": params}, f"{out}/rank{trainer.global_rank}.pt")
+    state = {
+        "states": [vars(s) for s in controller.states],
+        "loss_ema": controller.loss_ema,
+        "n_spikes": controller.n_spikes,
+    }
+    torch.save({"used": used, "params": params, "controller": state}, f"{out}/rank{trainer.global_rank}.pt")
