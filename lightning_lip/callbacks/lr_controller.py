@@ -278,10 +278,10 @@ class CurvatureLRController(Callback):
             self._bootstrapped = True
             (self._probe or self._make_probe()).measure(trainer, pl_module, [batch])
 
-    def _signal(self, trainer: Trainer) -> float | None:
-        """``lambda_max`` no older than ``max_age`` steps, max-reduced over ranks; ``None`` if absent or stale."""
-        registry = LipRegistry.of(trainer)
-        value = registry.get("hessian/lambda_max", max_age=self.max_age, step=trainer.global_step)
+    def _signal(self, trainer: Trainer, registry: LipRegistry, step: int) -> float | None:
+        """``lambda_max`` no older than ``max_age`` steps at ``step``, max-reduced over ranks; ``None`` if absent or
+        stale."""
+        value = registry.get("hessian/lambda_max", max_age=self.max_age, step=step)
         lam = math.nan if value is None else float(value)
         if trainer.world_size > 1:
             lam_t = torch.tensor(lam, dtype=torch.float64, device=trainer.strategy.root_device)
@@ -291,7 +291,8 @@ class CurvatureLRController(Callback):
     def _before_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._scheduled is not None:  # an optimizer subclass whose step() calls super().step(): hooks run twice
             return
-        lam = self._signal(trainer)
+        registry, step = LipRegistry.of(trainer), trainer.global_step
+        lam = self._signal(trainer, registry, step)
         self._scheduled = [float(group["lr"]) for group in optimizer.param_groups]
         rows = []
         for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
@@ -303,9 +304,8 @@ class CurvatureLRController(Callback):
             group["lr"] = lr * state.throttle
             rows.append((lr, threshold, lam))
         self._rows = rows
-        registry = LipRegistry.of(trainer)
-        registry.publish("lr/throttle", [s.throttle for s in self.states], trainer.global_step)
-        registry.publish("lr/effective", [r[0] * s.throttle for r, s in zip(rows, self.states)], trainer.global_step)
+        registry.publish("lr/throttle", [s.throttle for s in self.states], step)
+        registry.publish("lr/effective", [r[0] * s.throttle for r, s in zip(rows, self.states)], step)
 
     def _update(self, state: ThrottleState, ratio: float) -> None:
         new = self.throttle(ratio, state)
