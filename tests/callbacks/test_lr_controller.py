@@ -162,6 +162,7 @@ def test_nonfinite_gradient_emergency_cut_and_optional_skip(tmp_path):
     used = [row[0] for row in model.optimizers().optimizer.used]
     assert used[2] == pytest.approx(0.025) and used[3] == pytest.approx(0.025 * 1.05)
     assert controller.states[0].n_emergencies == 1
+    assert math.isfinite(controller.loss_ema) and controller.n_spikes == 0  # the NaN step never reaches the average
 
 
 def test_multiple_param_groups_are_throttled_separately(tmp_path):
