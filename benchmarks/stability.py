@@ -145,6 +145,7 @@ def lr_find_pick(full_batch: bool) -> float:
 
 METHODS = ["baseline", "adaptive", "strict", "guard", "clip", "adgd", "warmup"]
 COLLAPSED = 50.0  # accuracy (%) below which a run counts as collapsed (chance is 10 %)
+FULL_BATCH_STEPS = 150
 
 
 def cell(accs: list[float | None], show_min: bool = False) -> str:
@@ -283,11 +284,11 @@ def margin_sweep(seeds: int, epochs: int, margins: list[float], lrs: list[float]
 
 
 def paired_cost(seeds: int, lr: float = 0.5) -> None:
-    """Adaptive mode's cost at the baseline's best full-batch LR, paired by seed: the 5-seed tables cannot resolve
-    a few tenths of a point."""
+    """Adaptive mode's cost at ``lr`` (the baseline's best in the full-batch table), paired by seed: the 5-seed
+    tables cannot resolve a few tenths of a point."""
     diffs = []
     for seed in range(seeds):
-        base, ours = (run(lr, method, seed, 150, True) for method in ("baseline", "adaptive"))
+        base, ours = (run(lr, method, seed, FULL_BATCH_STEPS, True) for method in ("baseline", "adaptive"))
         diffs.append((ours or 0.0) - (base or 0.0))
     mean, error = statistics.mean(diffs), statistics.stdev(diffs) / seeds**0.5
     print(f"\n## Adaptive minus baseline, full batch, lr {lr:g}, {seeds} paired seeds\n")
@@ -309,7 +310,7 @@ def main() -> None:
     if "minibatch" in args.parts:
         sweep(args.seeds, args.epochs, False, [0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
     if "fullbatch" in args.parts:
-        sweep(args.seeds, 150, True, [0.3, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+        sweep(args.seeds, FULL_BATCH_STEPS, True, [0.3, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
     if "paired" in args.parts:
         paired_cost(args.paired_seeds)
     if "margins" in args.parts:
