@@ -1,9 +1,10 @@
-"""All four callbacks together: order, resume, accumulation, bf16, DDP, and every documented TensorBoard tag."""
+"""All four callbacks together: order, resume, accumulation, bf16, evaluation stages, DDP, every documented tag."""
 
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -89,6 +90,36 @@ def test_bf16_autocast_on_cpu(tmp_path):
     kappa, monitor, noise, controller = callbacks
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
     assert kappa.bound <= 3.0 * (1 + 1e-2) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Evaluated(Classifier):
+    """A classifier with validation, test and predict steps."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("loss", F.cross_entropy(self(batch[0]), batch[1]))
+
+    test_step = validation_step
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
+
+def test_evaluation_stages_around_fit_change_nothing(tmp_path):
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    model, data = Evaluated(cnn(), lr=2.0, momentum=0.5), loader(random_data(64, (1, 8, 8)))
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.validate(model, data, verbose=False)  # before fit: the callbacks set up for another stage
+    trainer.fit(model, data, data)
+    assert controller.states[0].n_cuts > 0 and kappa.n_projections == trainer.global_step == 8
+    fitted = {k: v.clone() for k, v in model.state_dict().items()}
+    runs = (monitor.n_runs, noise.n_runs, kappa.n_projections)
+    trainer.validate(model, data, verbose=False)
+    trainer.test(model, data, verbose=False)
+    trainer.predict(model, data)
+    assert all(torch.equal(v, fitted[k]) for k, v in model.state_dict().items())
+    assert (monitor.n_runs, noise.n_runs, kappa.n_projections) == runs
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 2.0  # the scheduled LR: the throttle never stays behind
 
 
 DOCUMENTED_TAGS = [
