@@ -45,6 +45,8 @@ from lightning_lip.functional.spectral import CONV_TYPES, lanczos_svd, random_st
 from lightning_lip.functional.stability import linear_step
 from lightning_lip.registry import LipRegistry
 
+_DYNAMICS_TYPES = (nn.Linear, *CONV_TYPES)  # the layers whose Lipschitz dynamics are predicted
+
 
 class GradientNoiseEstimator(Callback):
     r"""Gradient-noise statistics and the Lipschitz dynamics they drive, from per-sample gradients.
@@ -94,7 +96,7 @@ class GradientNoiseEstimator(Callback):
             cost (with its next-step prediction) stays within it. One measurement costs tens to hundreds of
             training steps on small models, mostly the convolutions' second-order terms.
         layers: qualified names of the modules to report per layer; default every ``nn.Linear`` and ``nn.ConvNd``
-            with a trainable weight (Lipschitz dynamics for the ``nn.Linear`` ones).
+            with a trainable weight (Lipschitz dynamics for those two kinds, SNR for any module with a weight).
         chunk_size: samples per ``vmap`` chunk, bounding peak memory; ``None``: all at once.
         max_samples: at most this many samples of each batch (per rank), ``>= 2``.
         k: number of top eigenvalues of :math:`\Sigma` to report, ``>= 1``.
@@ -178,8 +180,9 @@ class GradientNoiseEstimator(Callback):
                 raise ValueError(f"`layers` names modules the model does not have (or without weight): {absent}.")
             self._layers = {n: modules[n] for n in self.layers}
         else:
-            kinds = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-            self._layers = {n: m for n, m in modules.items() if isinstance(m, kinds) and m.weight.requires_grad}
+            self._layers = {
+                n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES) and m.weight.requires_grad
+            }
         self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
 
     @override
@@ -283,7 +286,7 @@ class GradientNoiseEstimator(Callback):
         weights = {
             name: (m.view_as(shapes[key]), o.reshape(-1, *shapes[key].shape))
             for name, layer in self._layers.items()
-            if isinstance(layer, (nn.Linear, *CONV_TYPES)) and (key := f"{name}.weight") in per_param
+            if isinstance(layer, _DYNAMICS_TYPES) and (key := f"{name}.weight") in per_param
             for m, o in [per_param[key]]
             if isinstance(layer, nn.Linear) or name in self._shapes.shapes
         }
