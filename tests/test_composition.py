@@ -1,4 +1,4 @@
-"""All four callbacks together: order, resume, accumulation, bf16, evaluation stages, DDP, every documented tag."""
+"""All four callbacks together: order, resume, accumulation, bf16, compile, evaluation stages, DDP, every tag."""
 
 import math
 
@@ -91,6 +91,21 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
     assert kappa.bound <= 3.0 * (1 + 1e-2) and all(torch.isfinite(p).all() for p in model.parameters())
 
+
+
+def test_compiled_network(tmp_path):
+    """``torch.compile`` on the network (dynamo traces the callbacks' forward hooks; the eager backend needs no C
+    compiler): every callback measures and the budget holds."""
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    torch.manual_seed(0)
+    model = Classifier(cnn(), lr=2.0, momentum=0.5)
+    model.net = torch.compile(model.net, backend="eager")
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    assert kappa.n_projections == trainer.global_step == 8 and len(kappa.sigmas) == 3 and kappa.bound <= 3.0 * 1.01
+    assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
+    assert controller.states[0].n_cuts > 0
 
 class Evaluated(Classifier):
     """A classifier with validation, test and predict steps."""
