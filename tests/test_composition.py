@@ -92,7 +92,6 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert kappa.bound <= 3.0 * (1 + 1e-2) and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-
 def test_compiled_network(tmp_path):
     """``torch.compile`` on the network (dynamo traces the callbacks' forward hooks; the eager backend needs no C
     compiler): every callback measures and the budget holds."""
@@ -106,6 +105,7 @@ def test_compiled_network(tmp_path):
     assert kappa.n_projections == trainer.global_step == 8 and len(kappa.sigmas) == 3 and kappa.bound <= 3.0 * 1.01
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
     assert controller.states[0].n_cuts > 0
+
 
 class Evaluated(Classifier):
     """A classifier with validation, test and predict steps."""
