@@ -104,6 +104,7 @@ def test_compiled_network(tmp_path):
     trainer.fit(model, loader(random_data(64, (1, 8, 8))))
     assert kappa.n_projections == trainer.global_step == 8 and len(kappa.sigmas) == 3 and kappa.bound <= 3.0 * 1.01
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
+    assert sum(key.startswith("lip/noise/drift/net._orig_mod.") for key in noise.last) == 3  # convs and linear
     assert controller.states[0].n_cuts > 0
 
 
