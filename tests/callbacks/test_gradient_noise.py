@@ -204,6 +204,24 @@ def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     assert noise.step_batches == [pytest.approx(32 * 63 / (64 - 32))] * 2  # accumulated batch, without replacement
 
 
+def test_each_param_group_predicts_with_its_own_learning_rate(tmp_path):
+    def first_measurement(lr_first, lr_rest):  # at step 0, before any update: the same weights in every run
+        class TwoGroups(Classifier):
+            def configure_optimizers(self):
+                groups = [self.net[0].parameters(), self.net[2:].parameters()]
+                return torch.optim.SGD([{"params": p, "lr": lr} for p, lr in zip(groups, (lr_first, lr_rest))])
+
+        torch.manual_seed(0)
+        noise = GradientNoiseEstimator(every_n_steps=1, predict=False)
+        fit(tmp_path, TwoGroups(mlp()), random_data(64), [noise], max_steps=1)
+        return {k: v for k, v in noise.last.items() if "/drift/" in k or "/diffusion/" in k}
+
+    mixed, low, high = first_measurement(0.1, 0.5), first_measurement(0.1, 0.1), first_measurement(0.5, 0.5)
+    for key, value in mixed.items():  # each layer's drift and diffusion come from its own group's step
+        assert value == pytest.approx((low if "net.0" in key else high)[key], rel=1e-6, abs=1e-12), key
+    assert high["lip/noise/drift/net.2"] != pytest.approx(low["lip/noise/drift/net.2"], rel=1e-2)
+
+
 def test_resume_continues_exactly(tmp_path):
     data = random_data(64)
 
