@@ -1,4 +1,5 @@
-"""All four callbacks together: order, resume, accumulation, bf16, compile, evaluation stages, DDP, every tag."""
+"""All four callbacks together: order, resume, accumulation, bf16, compile, manual optimization, evaluation stages,
+DDP, every documented tag."""
 
 import math
 
@@ -15,7 +16,7 @@ from lightning_lip import (
     KappaBudgetProjection,
     LipRegistry,
 )
-from tests.models import Classifier, cnn, loader, random_data, trainer_kwargs
+from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
 
 
 def four(**noise):
@@ -106,6 +107,48 @@ def test_compiled_network(tmp_path):
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
     assert sum(key.startswith("lip/noise/drift/net._orig_mod.") for key in noise.last) == 3  # convs and linear
     assert controller.states[0].n_cuts > 0
+
+
+class Manual(Classifier):
+    """Manual optimization: ``training_step`` steps the optimizer itself, so the loss comes from ``lip_loss``."""
+
+    def __init__(self):
+        super().__init__(mlp(), lr=2.0)
+        self.automatic_optimization = False
+        self.n_training_steps = 0
+
+    def lip_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def training_step(self, batch, batch_idx):
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        self.manual_backward(F.cross_entropy(self(batch[0]), batch[1]))
+        optimizer.step()
+        self.n_training_steps += 1
+
+
+def test_manual_optimization_with_lip_loss(tmp_path):
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    model = Manual()
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, loader(random_data(64)))
+    assert model.n_training_steps == trainer.global_step == kappa.n_projections == 8  # no step from the callbacks
+    assert monitor.n_runs == noise.n_runs == 4 and controller.states[0].n_cuts > 0
+    assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
+
+
+@pytest.mark.parametrize("index", [1, 2, 3])
+def test_manual_optimization_without_lip_loss_is_a_clear_error_at_setup(tmp_path, index):
+    class NoLipLoss(Manual):
+        lip_loss = None
+
+    callback, model = four()[index], NoLipLoss()
+    trainer = Trainer(callbacks=[callback], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match=f"{type(callback).__name__} evaluates the loss.*define `lip_loss"):
+        trainer.fit(model, loader(random_data(64)))
+    assert model.n_training_steps == 0
 
 
 class Evaluated(Classifier):

@@ -198,6 +198,17 @@ class LayerShapes:
         self._handles = []
 
 
+def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:
+    """Raise at setup if :func:`module_loss` cannot work: with manual optimization ``training_step`` steps the
+    optimizers itself, so the module must define ``lip_loss``."""
+    if not pl_module.automatic_optimization and not callable(getattr(pl_module, "lip_loss", None)):
+        raise ValueError(
+            f"{owner} evaluates the loss of a batch, and with manual optimization `training_step` steps the "
+            "optimizers itself: define `lip_loss(self, batch) -> Tensor` (the mean loss of `batch`) on the "
+            "LightningModule."
+        )
+
+
 def module_loss(pl_module: pl.LightningModule) -> LossFn:
     """``loss(module, batch)``: ``module.lip_loss(batch)`` if the module defines it, else the loss (or ``"loss"``
     entry) that ``training_step(batch, 0)`` returns."""

@@ -28,6 +28,7 @@ from lightning_lip.callbacks._common import (
     batch_size,
     check_fraction,
     check_int,
+    check_loss_source,
     measurement_mode,
     module_loss,
     write_tensorboard_layout,
@@ -57,7 +58,7 @@ class GradientNoiseEstimator(Callback):
     (dropout off, BatchNorm on running statistics), without touching ``.grad`` or the optimizer. Under DDP the
     per-sample gradients of all ranks are gathered, so the statistics are those of the global batch seen by one
     process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)``; it must be a
-    mean over samples.
+    mean over samples (``lip_loss`` is required with manual optimization).
 
     Noise statistics (all parameters): :math:`\mathrm{tr}\,\Sigma`, :math:`\|\bar g\|^2` (and its unbiased
     version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per
@@ -103,7 +104,8 @@ class GradientNoiseEstimator(Callback):
         predict: compare the next step's observed change with its prediction (z-scores).
 
     Raises:
-        ValueError: if an argument is out of range or ``layers`` names a module the model lacks.
+        ValueError: if an argument is out of range or ``layers`` names a module the model lacks, or at setup if the
+            module optimizes manually without ``lip_loss``.
 
     Example::
 
@@ -173,6 +175,7 @@ class GradientNoiseEstimator(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_loss_source(pl_module, type(self).__name__)
         modules = dict(pl_module.named_modules())
         if self.layers is not None:
             absent = [n for n in self.layers if n not in modules or not hasattr(modules[n], "weight")]

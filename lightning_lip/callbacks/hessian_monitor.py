@@ -24,6 +24,7 @@ from lightning_lip.callbacks._common import (
     batch_size,
     check_choice,
     check_int,
+    check_loss_source,
     check_positive,
     detached,
     measurement_mode,
@@ -52,10 +53,11 @@ class HessianEigenMonitor(Callback):
     operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}` that governs Adam's stability.
 
     The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
-    ``training_step(batch, 0)`` with logging muted. Dropout is off during the measurement; BatchNorm uses its
-    running statistics (``bn_mode="eval"``) or the probe batch's statistics (``"train"``). Training is left
-    bit-identical: ``model.training``, ``.grad``, buffers and the RNG state are restored, no ``.backward()`` runs.
-    Under DDP the products are averaged over ranks (weighted by probe size), so every rank gets the same result.
+    ``training_step(batch, 0)`` with logging muted (``lip_loss`` is required with manual optimization). Dropout is
+    off during the measurement; BatchNorm uses its running statistics (``bn_mode="eval"``) or the probe batch's
+    statistics (``"train"``). Training is left bit-identical: ``model.training``, ``.grad``, buffers and the RNG
+    state are restored, no ``.backward()`` runs. Under DDP the products are averaged over ranks (weighted by probe
+    size), so every rank gets the same result.
 
     Logged: ``lip/hessian/lambda_max``, ``lambda_min``, ``residual``, ``n_hvp``, ``seconds``, ``eta_lambda_max``
     (:math:`\eta\lambda_{max}`), ``threshold`` and ``stability_ratio`` (their quotient, unstable above 1). With a
@@ -84,7 +86,8 @@ class HessianEigenMonitor(Callback):
             ``residual_min``).
 
     Raises:
-        ValueError: if an argument is out of range.
+        ValueError: if an argument is out of range, or at setup if the module optimizes manually without
+            ``lip_loss``.
 
     Example::
 
@@ -151,6 +154,11 @@ class HessianEigenMonitor(Callback):
     def should_run(self, step: int) -> bool:
         """Whether to measure after optimizer step ``step`` (1-based)."""
         return step % self.every_n_steps == 0
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "fit":
+            check_loss_source(pl_module, type(self).__name__)
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

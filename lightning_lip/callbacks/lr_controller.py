@@ -25,6 +25,7 @@ from lightning_lip.callbacks._common import (
     check_choice,
     check_fraction,
     check_int,
+    check_loss_source,
     log_on_logger_steps,
     write_tensorboard_layout,
 )
@@ -117,7 +118,8 @@ class CurvatureLRController(Callback):
 
     Raises:
         ValueError: if an argument is out of range, or at setup if ``signal="hessian"`` and no
-            :class:`HessianEigenMonitor` is among the Trainer's callbacks.
+            :class:`HessianEigenMonitor` is among the Trainer's callbacks, or if the module optimizes manually
+            without ``lip_loss`` (the controller's own measurements evaluate the loss).
 
     Example::
 
@@ -231,6 +233,7 @@ class CurvatureLRController(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_loss_source(pl_module, type(self).__name__)  # the first measurement is its own (and maybe the probe)
         monitors = [c for c in trainer.callbacks if isinstance(c, HessianEigenMonitor)]
         if self.signal == "hessian" and not monitors:
             raise ValueError(
