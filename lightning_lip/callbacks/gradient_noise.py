@@ -332,11 +332,15 @@ class GradientNoiseEstimator(Callback):
     ) -> dict[str, Any] | None:
         """Dynamics of the step ``optimizer`` is about to take, averaging ``step_batch`` samples, given each layer's
         mean weight gradient ``[m, k]`` and centred per-sample weight gradients ``[n, m, k]``; ``follow_up``: one
-        step after the last measurement (see :meth:`_top_triplet`)."""
+        step after the last measurement (see :meth:`_top_triplet`). Layers that ``optimizer`` does not hold (another
+        optimizer's, with manual optimization) do not move in this step and are left out."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         per_layer = {}
         for name, (mean, omega) in weights.items():
             layer = self._layers[name]
             weight = layer.weight
+            if id(weight) not in held:
+                continue
             step = linear_step(optimizer, weight, None if weight.grad is None else weight.grad.detach())
             if step is None:
                 self._warn("step_map", f"{type(self).__name__}: no linear step map for {type(optimizer).__name__}.")

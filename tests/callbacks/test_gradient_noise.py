@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -220,6 +220,39 @@ def test_each_param_group_predicts_with_its_own_learning_rate(tmp_path):
     for key, value in mixed.items():  # each layer's drift and diffusion come from its own group's step
         assert value == pytest.approx((low if "net.0" in key else high)[key], rel=1e-6, abs=1e-12), key
     assert high["lip/noise/drift/net.2"] != pytest.approx(low["lip/noise/drift/net.2"], rel=1e-2)
+
+
+def test_two_optimizers_each_predict_the_layers_they_step(tmp_path, recwarn):
+    class TwoOptimizers(LightningModule):  # manual optimization, as a GAN: d steps, then g, on every batch
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.g, self.d = mlp((16, 32, 16)), mlp((16, 32, 4))
+
+        def lip_loss(self, batch):
+            return F.cross_entropy(self.d(self.g(batch[0])), batch[1])
+
+        def training_step(self, batch, batch_idx):
+            for optimizer in reversed(self.optimizers()):
+                optimizer.zero_grad()
+                self.manual_backward(self.lip_loss(batch))
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.g.parameters(), lr=0.5), torch.optim.SGD(self.d.parameters(), lr=0.5)
+
+    class Record(GradientNoiseEstimator):
+        predicted = []
+
+        def measure(self, *args):
+            metrics = super().measure(*args)
+            self.predicted.append(sorted(k.rsplit("/", 1)[1] for k in metrics if "/drift/" in k))
+            return metrics
+
+    noise = Record(every_n_steps=1)
+    fit(tmp_path, TwoOptimizers(), random_data(64), [noise], max_epochs=1)
+    assert noise.predicted == [["d.0", "d.2"], ["g.0", "g.2"]] * 4  # a layer another optimizer holds does not move
+    assert not [w for w in recwarn if "step map" in str(w.message)]
 
 
 def test_resume_continues_exactly(tmp_path):
