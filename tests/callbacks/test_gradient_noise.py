@@ -241,17 +241,31 @@ def test_two_optimizers_each_predict_the_layers_they_step(tmp_path, recwarn):
         def configure_optimizers(self):
             return torch.optim.SGD(self.g.parameters(), lr=0.5), torch.optim.SGD(self.d.parameters(), lr=0.5)
 
-    class Record(GradientNoiseEstimator):
-        predicted = []
+    class OnlyD(TwoOptimizers):  # the reference for d's first step: one optimizer, automatic optimization
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = True
 
+        def training_step(self, batch, batch_idx):
+            return self.lip_loss(batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.d.parameters(), lr=0.5)
+
+    class Record(GradientNoiseEstimator):
         def measure(self, *args):
             metrics = super().measure(*args)
-            self.predicted.append(sorted(k.rsplit("/", 1)[1] for k in metrics if "/drift/" in k))
+            self.drifts = getattr(self, "drifts", []) + [{k: v for k, v in metrics.items() if "/drift/" in k}]
             return metrics
 
-    noise = Record(every_n_steps=1)
+    noise, reference = Record(every_n_steps=1), Record(every_n_steps=1)
+    torch.manual_seed(0)
     fit(tmp_path, TwoOptimizers(), random_data(64), [noise], max_epochs=1)
-    assert noise.predicted == [["d.0", "d.2"], ["g.0", "g.2"]] * 4  # a layer another optimizer holds does not move
+    torch.manual_seed(0)
+    fit(tmp_path, OnlyD(), random_data(64), [reference], max_steps=1)
+    layers = [sorted(k.rsplit("/", 1)[1] for k in drifts) for drifts in noise.drifts]
+    assert layers == [["d.0", "d.2"], ["g.0", "g.2"]] * 4  # a layer another optimizer holds does not move
+    assert noise.drifts[0] == pytest.approx(reference.drifts[0], rel=1e-6) and all(noise.drifts[0].values())
     assert not [w for w in recwarn if "step map" in str(w.message)]
 
 
