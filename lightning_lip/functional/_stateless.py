@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.utils.parametrizations import _WeightNorm
+from torch.nn.utils.weight_norm import WeightNorm
+from torch.overrides import TorchFunctionMode
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 
@@ -20,16 +24,46 @@ def stateless_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[dict[str, Te
     """``loss(params, batch)``: ``loss_fn(module, batch)`` with ``module``'s parameters named in ``params`` swapped.
 
     Parameters not in ``params`` keep their values. Buffers are passed as fresh copies on every call, so that a
-    train-mode BatchNorm cannot update the module's running statistics.
+    train-mode BatchNorm cannot update the module's running statistics. Weight normalization runs as primitive ops
+    (see :class:`_DecomposedWeightNorm`).
     """
     call = _LossCall(module, loss_fn)
     buffers = {f"module.{name}": b.detach() for name, b in module.named_buffers()}
+    weight_norm = _DecomposedWeightNorm if uses_weight_norm(module) else nullcontext
 
     def loss(params: dict[str, Tensor], batch: Any) -> Tensor:
         state = {f"module.{n}": p for n, p in params.items()} | {k: b.clone() for k, b in buffers.items()}
-        return torch.func.functional_call(call, state, (batch,))
+        with weight_norm():
+            return torch.func.functional_call(call, state, (batch,))
 
     return loss
+
+
+def uses_weight_norm(module: nn.Module) -> bool:
+    """Whether ``module`` holds weight normalization, as a parametrization or as the older forward pre-hook."""
+    return any(
+        isinstance(m, _WeightNorm) or any(isinstance(h, WeightNorm) for h in m._forward_pre_hooks.values())
+        for m in module.modules()
+    )
+
+
+class _DecomposedWeightNorm(TorchFunctionMode):
+    """Runs ``torch._weight_norm`` (both weight normalizations) as ``v * (g / norm_except_dim(v))``.
+
+    Its fused kernel has no forward-mode formula and, in torch 2.13, a wrong double backward (``gradgradcheck``
+    fails): Hessian-vector products through it would be wrong. The primitive ops give the same values (up to
+    rounding) and exact second derivatives; the mode is entered only for modules that use it (it adds
+    Python work to every op).
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        return (_weight_norm if func is torch._weight_norm else func)(*args, **kwargs)
+
+
+def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
+    """``torch._weight_norm`` in primitive ops: ``v`` scaled to norm ``g`` over all dimensions but ``dim``."""
+    return v * (g / torch.norm_except_dim(v, 2, dim))
 
 
 class _LossCall(nn.Module):

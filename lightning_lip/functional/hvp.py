@@ -1,9 +1,10 @@
 r"""Hessian-vector products of a loss with respect to a module's parameters, on flat vectors.
 
-Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``; reverse-over-reverse for losses whose double
-backward lacks a forward-mode formula, such as ``F.mse_loss``) through ``torch.func.functional_call``: the
-module's own parameters are never touched, no ``.backward()`` runs, and buffers (BatchNorm running statistics)
-are passed as copies so that a product leaves them unchanged.
+Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``; reverse-over-reverse where forward mode fails: ops
+and ``autograd.Function``\ s without a forward-mode formula, the double backward of ``F.mse_loss``) through
+``torch.func.functional_call``: the module's own parameters are never touched, no ``.backward()`` runs, and buffers
+(BatchNorm running statistics) are passed as copies so that a product leaves them unchanged. Weight normalization
+runs as primitive ops (its fused kernel's second derivative is wrong in torch 2.13).
 """
 
 from __future__ import annotations
@@ -68,8 +69,8 @@ def hvp_operator(
         if not reverse:
             try:
                 return torch.func.jvp(lambda *p: grad(p, batch), tuple(values), tangents)[1]
-            except RuntimeError as error:  # e.g. F.mse_loss in torch 2.13: "ZeroTensors are immutable"
-                if "ZeroTensor" not in str(error):
+            except RuntimeError as error:  # NotImplementedError, or "ZeroTensors are immutable" (F.mse_loss, 2.13)
+                if not isinstance(error, NotImplementedError) and "ZeroTensor" not in str(error):
                     raise
                 reverse = True
         # reverse over reverse: H is symmetric, so the vector-Jacobian product of the gradient is H v as well

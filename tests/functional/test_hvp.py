@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,12 +65,77 @@ def test_train_mode_batchnorm_buffers_untouched():
         assert torch.equal(v, before[k]), k
 
 
-def test_mse_loss_falls_back_to_reverse_over_reverse():
-    """F.mse_loss has no working forward-over-reverse formula in torch 2.13 (ZeroTensor error): same H v anyway."""
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2)).double()
+class _ClampNoJvp(torch.autograd.Function):
+    """``relu`` as an ``autograd.Function`` usable by ``torch.func`` but without a forward-mode (``jvp``) rule."""
+
+    @staticmethod
+    def forward(x):
+        return x.clamp(min=0)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _NoJvpReLU(nn.Module):
+    def forward(self, x):
+        return _ClampNoJvp.apply(x)
+
+
+@pytest.mark.parametrize(
+    ("make", "loss"),
+    [
+        (lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), F.mse_loss),  # ZeroTensor error
+        (lambda: nn.Sequential(nn.Linear(4, 3), _NoJvpReLU(), nn.Linear(3, 2)), F.mse_loss),
+    ],
+    ids=["mse_loss", "function_without_jvp"],
+)
+def test_falls_back_to_reverse_over_reverse_where_forward_mode_fails(make, loss):
+    """Forward mode fails on these (F.mse_loss's double backward in torch 2.13, a custom autograd.Function without
+    ``jvp``): the reverse-over-reverse product is the same H v."""
+    net = make().double()
     x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
-    hvp = hvp_operator(net, lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1]), [(x, t)])
-    H = dense_hessian(net, torch.nn.functional.mse_loss, x, t)
+    hvp = hvp_operator(net, lambda m, b: loss(m(b[0]), b[1]), [(x, t)])
+    H = dense_hessian(net, loss, x, t)
     v = torch.randn(H.shape[0], dtype=torch.float64)
     torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("style", ["parametrization", "hook"])
+def test_weight_norm_hessian_is_exact(style):
+    """Weight normalization's fused kernel has no forward-mode formula and a wrong double backward in torch 2.13
+    (so ``dense_hessian`` of the module itself is wrong too): the reference is ``torch.autograd.functional.hessian``
+    of the same network written with ``g * v / ||v||``. Both versions of ``weight_norm`` (the parametrization and the
+    deprecated forward pre-hook) are covered."""
+    apply = nn.utils.parametrizations.weight_norm if style == "parametrization" else nn.utils.weight_norm
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the deprecated hook version
+        net = nn.Sequential(apply(nn.Linear(4, 3)), nn.Tanh(), nn.Linear(3, 2)).double()
+    x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    params = trainable_parameters(net)
+    names = {"parametrization": ("0.parametrizations.weight.original0", "0.parametrizations.weight.original1")}
+    g_name, v_name = names.get(style, ("0.weight_g", "0.weight_v"))
+    order = list(params)
+
+    def explicit(*values):
+        p = dict(zip(order, values))
+        g, v = p[g_name], p[v_name]
+        w = g * v / v.norm(dim=1, keepdim=True)
+        return F.mse_loss(F.linear(torch.tanh(F.linear(x, w, p["0.bias"])), p["2.weight"], p["2.bias"]), t)
+
+    blocks = torch.autograd.functional.hessian(explicit, tuple(params.values()))
+    sizes = [p.numel() for p in params.values()]
+    H = torch.cat([torch.cat([b.reshape(m, n) for b, n in zip(row, sizes)], 1) for row, m in zip(blocks, sizes)])
+    hvp = hvp_operator(net, lambda m, b: F.mse_loss(m(b[0]), b[1]), [(x, t)])
+    for _ in range(3):
+        v = torch.randn(H.shape[0], dtype=torch.float64)
+        torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+    # why the decomposition is needed: torch's own second derivative through the fused kernel is wrong
+    fused = lambda g, v: torch._weight_norm(v, g, 0)  # noqa: E731
+    g0, v0 = torch.rand(3, 1, dtype=torch.float64) + 0.5, torch.randn(3, 4, dtype=torch.float64)
+    assert not torch.autograd.gradgradcheck(fused, (g0.requires_grad_(), v0.requires_grad_()), raise_exception=False)

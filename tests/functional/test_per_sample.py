@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.parametrizations import weight_norm
 
 from lightning_lip.functional.per_sample import per_sample_grads
 from tests.models import cnn, mlp
@@ -37,6 +38,7 @@ CASES = {
     "mlp": (lambda: mlp((6, 10, 10, 3)), (6,)),
     "cnn": (lambda: cnn(2, 3), (2, 8, 8)),
     "transformer": (TinyTransformer, (5, 8)),
+    "weight_norm": (lambda: nn.Sequential(weight_norm(nn.Conv2d(2, 3, 3)), nn.Flatten(), nn.Linear(108, 3)), (2, 8, 8)),
 }
 
 
