@@ -151,6 +151,60 @@ def test_manual_optimization_without_lip_loss_is_a_clear_error_at_setup(tmp_path
     assert model.n_training_steps == 0
 
 
+class _ReLUWithoutSetupContext(torch.autograd.Function):
+    """An old-style ``autograd.Function`` (``forward(ctx, ...)``): torch.func transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _OldStyleReLU(torch.nn.Module):
+    def forward(self, x):
+        return _ReLUWithoutSetupContext.apply(x)
+
+
+class _Checkpointed(torch.nn.Module):
+    """Activation checkpointing: its saved-tensor hooks are not supported by torch.func."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp((16, 32, 32))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.nn.Sequential(mlp((16, 32)), _OldStyleReLU(), mlp((32, 4))),
+        lambda: torch.nn.Sequential(_Checkpointed(), mlp((32, 4))),
+    ],
+    ids=["function_without_setup_context", "activation_checkpointing"],
+)
+def test_models_torch_func_cannot_differentiate_train_on(tmp_path, make, recwarn):
+    """The measuring callbacks warn once each and stop measuring; projection and the controller's emergency cuts
+    carry on, and the run finishes."""
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    model = Classifier(make(), lr=0.5)
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, loader(random_data(64)))
+    assert trainer.global_step == kappa.n_projections == 8 and kappa.bound <= 3.0 * (1 + 1e-2)
+    assert monitor.failure and noise.failure and monitor.n_runs == noise.n_runs == 0
+    assert monitor.n_skipped == noise.n_skipped == 1  # tried once each, then stopped
+    warned = [str(w.message) for w in recwarn if "torch.func cannot differentiate" in str(w.message)]
+    assert {m.split(":")[0] for m in warned} == {"GradientNoiseEstimator", "HessianEigenMonitor"}
+    assert controller.states[0].n_cuts == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 class Evaluated(Classifier):
     """A classifier with validation, test and predict steps."""
 

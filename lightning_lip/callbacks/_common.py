@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -37,6 +38,17 @@ def log_on_logger_steps(trainer: pl.Trainer, pl_module: pl.LightningModule, metr
         return False
     pl_module.log_dict(metrics, on_step=True, on_epoch=False)
     return True
+
+
+def transform_failure(error: RuntimeError, owner: str, warn: WarnOnce, consequence: str) -> str:
+    """The reason, warned once, why ``torch.func`` could not differentiate the model's loss (an ``autograd.Function``
+    without ``setup_context`` or ``vmap``, activation checkpointing's saved-tensor hooks, ...); out-of-memory errors
+    are raised again."""
+    if isinstance(error, torch.OutOfMemoryError):
+        raise error
+    reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+    warn("transform", f"{owner}: torch.func cannot differentiate this model's loss ({reason}); {consequence}")
+    return reason
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:

@@ -31,6 +31,7 @@ from lightning_lip.callbacks._common import (
     check_loss_source,
     measurement_mode,
     module_loss,
+    transform_failure,
     write_tensorboard_layout,
 )
 from lightning_lip.functional._stateless import trainable_parameters
@@ -142,6 +143,7 @@ class GradientNoiseEstimator(Callback):
 
         self.n_runs = 0
         self.n_skipped = 0
+        self.failure: str | None = None  # why measurements stopped: torch.func cannot differentiate the model
         self.last: dict[str, float] = {}
         self._layers: dict[str, nn.Module] = {}
         self._batch: Any = None
@@ -212,7 +214,8 @@ class GradientNoiseEstimator(Callback):
     ) -> None:
         if self._batch is None:
             return
-        follow_up, due = self._sample is not None, self.should_run(trainer.global_step + 1)
+        follow_up = self._sample is not None
+        due = self.failure is None and self.should_run(trainer.global_step + 1)
         if not (follow_up or due):
             return
         start = time.perf_counter()
@@ -255,8 +258,14 @@ class GradientNoiseEstimator(Callback):
             return None
         n = min(batch_size(batch), self.max_samples)
         sub = tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, batch)
-        with isolate_rng(), measurement_mode(pl_module):
-            grads = per_sample_grads(pl_module, module_loss(pl_module), sub, params, self.chunk_size)
+        try:
+            with isolate_rng(), measurement_mode(pl_module):
+                grads = per_sample_grads(pl_module, module_loss(pl_module), sub, params, self.chunk_size)
+        except RuntimeError as error:
+            consequence = "no more noise measurements in this run."
+            self.failure = transform_failure(error, type(self).__name__, self._warn, consequence)
+            self.n_skipped += 1
+            return None
         flat = self._gather(trainer, torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1))
         self.n_runs += 1
         stats = noise_statistics(flat, self.k) if flat.shape[0] >= 2 else None

@@ -30,6 +30,7 @@ from lightning_lip.callbacks._common import (
     measurement_mode,
     module_loss,
     tensorboard_writer,
+    transform_failure,
     write_tensorboard_layout,
 )
 from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
@@ -138,6 +139,7 @@ class HessianEigenMonitor(Callback):
 
         self.n_runs = 0
         self.n_skipped = 0
+        self.failure: str | None = None  # why measurements stopped: torch.func cannot differentiate the model
         self.last: dict[str, float] = {}
         self._probe: list[Any] = []
         self._probe_size = 0
@@ -172,7 +174,7 @@ class HessianEigenMonitor(Callback):
             self._probe.append(detached(batch))
             self._probe_size += batch_size(batch)
         step = trainer.global_step
-        if step == self._last_step or not self.should_run(step):
+        if step == self._last_step or self.failure is not None or not self.should_run(step):
             return
         self._last_step = step
         probe = [batch] if self.data == "current" else self._probe
@@ -200,16 +202,22 @@ class HessianEigenMonitor(Callback):
             hvp = hvp_operator(pl_module, module_loss(pl_module), probe, sizes, params)
             matvec = self._distributed(trainer, hvp, float(sum(sizes)), scaling)
             v0, warm = self._start_vector(sum(p.numel() for p in params.values()), params)
-            result = lanczos(
-                matvec,
-                v0,
-                k=self.k,
-                max_iter=self.max_iter,
-                tol=self.tol,
-                require_min=self.converge_min,
-                generator=self._generator,
-                residual_factor=1.0 if warm else _COLD_RESIDUAL_FACTOR,
-            )
+            try:
+                result = lanczos(
+                    matvec,
+                    v0,
+                    k=self.k,
+                    max_iter=self.max_iter,
+                    tol=self.tol,
+                    require_min=self.converge_min,
+                    generator=self._generator,
+                    residual_factor=1.0 if warm else _COLD_RESIDUAL_FACTOR,
+                )
+            except RuntimeError as error:
+                consequence = "no more Hessian measurements in this run (a CurvatureLRController holds its throttle)."
+                self.failure = transform_failure(error, type(self).__name__, self._warn, consequence)
+                self.n_skipped += 1
+                return {"lip/hessian/n_skipped": float(self.n_skipped)}
             density = None
             if self.density and math.isfinite(result.eigenvalues[0].item()):
                 density = slq_density(
