@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
@@ -33,12 +34,14 @@ from lightning_lip.callbacks._common import (
 from lightning_lip.functional.spectral import (
     Operator,
     SingularTriplet,
+    absorb_fixed,
     is_supported,
     lanczos_svd,
     power_iteration,
     projection_scale,
     proportional_budget,
     random_start,
+    rescale_weight,
     uniform_budget,
 )
 from lightning_lip.registry import LipRegistry
@@ -60,7 +63,11 @@ class KappaBudgetProjection(Callback):
     shape as recorded in the last forward pass (stride, padding, padding mode, dilation and groups included), not
     that of the reshaped kernel. Every ``audit_every_n_steps`` steps, and whenever a layer starts cold, the norm is
     measured tightly by Lanczos instead. Layers that cannot be certified (attention, normalization, embeddings, ...)
-    are listed once in a warning: the logged bound assumes them 1-Lipschitz.
+    are listed once in a warning: the logged bound assumes them 1-Lipschitz. A parametrized weight (weight
+    normalization) is rescaled through its parametrization's ``right_inverse``. Layers that cannot be rescaled
+    (frozen, or a parametrization that does not take a rescaled weight, such as ``spectral_norm``'s) keep their
+    norm, warned once; the factor by which they exceed their budgets is taken from the other layers' budgets
+    (:func:`~lightning_lip.functional.spectral.absorb_fixed`), so the product still meets ``max_lipschitz``.
 
     Logged (``pl_module.log``, per step): ``lip/kappa/bound``, ``lip/kappa/log10_bound``, ``lip/kappa/n_projected``,
     ``lip/kappa/n_skipped``, ``lip/kappa/seconds``, per layer ``lip/kappa/sigma/<layer>`` and
@@ -146,6 +153,7 @@ class KappaBudgetProjection(Callback):
         self._sigmas: dict[str, float] = {}
         self._current_kappas: dict[str, float] = {}
         self._n_skipped = 0
+        self._unscalable: set[str] = set()
         self._generator = torch.Generator().manual_seed(0)
         self._handles: list[Any] = []
         self._pending: dict[str, float] | None = None
@@ -209,9 +217,16 @@ class KappaBudgetProjection(Callback):
         excluded: list[str] = []
         weights: set[int] = set()
         for name, module in modules.items():
-            if is_supported(module) and (wanted is None or name in wanted):
-                if id(module.weight) not in weights:
-                    weights.add(id(module.weight))
+            if isinstance(module, parametrize.ParametrizationList):
+                continue  # the parameters of a parametrized weight: its layer is covered (or listed)
+            if is_supported(module) and not _weight_is_stored(module):
+                excluded.append(
+                    f"{name} ({type(module).__name__}: weight recomputed by a hook, as by the deprecated "
+                    "torch.nn.utils.weight_norm; torch.nn.utils.parametrizations.weight_norm is supported)"
+                )
+            elif is_supported(module) and (wanted is None or name in wanted):
+                if _weight_source(module) not in weights:
+                    weights.add(_weight_source(module))
                     covered[name] = module
             elif is_supported(module) or any(True for _ in module.parameters(recurse=False)):
                 excluded.append(f"{name} ({type(module).__name__})")
@@ -264,22 +279,42 @@ class KappaBudgetProjection(Callback):
             else:
                 self._n_skipped += 1
                 self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
-        kappas = self._checked_allocation(sigmas)
+        fixed = {name for name in sigmas if self._is_fixed(name)}
+        kappas = absorb_fixed(self._checked_allocation(sigmas), sigmas, fixed)
         n_projected = 0
         for name, sigma in sigmas.items():
-            weight = self._layers[name].weight
-            scale = projection_scale(sigma, kappas[name])
-            if not weight.requires_grad:
-                self._warn(f"frozen/{name}", f"Layer {name!r} is frozen: its norm counts in the bound, unprojected.")
+            scale = 1.0 if name in fixed else projection_scale(sigma, kappas[name])
+            if scale < 1.0 and not rescale_weight(self._layers[name], scale):
+                self._unscalable.add(name)
+                self._warn_fixed(name)
                 scale = 1.0
-            if scale < 1.0:
-                weight.mul_(scale)
-                n_projected += 1
+            n_projected += scale < 1.0
             self._sigmas[name] = sigma * scale
         self._current_kappas = kappas
         self.n_projections += 1
         self._publish(trainer, triplets, step)
         self._queue_logs(n_projected, time.perf_counter() - start, audit)
+
+    def _is_fixed(self, name: str) -> bool:
+        """Whether layer ``name`` cannot be rescaled: frozen, or its weight's parametrization does not take a
+        rescaled weight back (found at an earlier step)."""
+        layer = self._layers[name]
+        frozen = not any(p.requires_grad for p in _weight_parameters(layer))
+        if frozen or name in self._unscalable:
+            self._warn_fixed(name)
+        return frozen or name in self._unscalable
+
+    def _warn_fixed(self, name: str) -> None:
+        reason = (
+            "is frozen"
+            if name not in self._unscalable
+            else "has a weight parametrization that does not take a rescaled weight"
+        )
+        self._warn(
+            f"fixed/{name}",
+            f"Layer {name!r} {reason}: it is not rescaled; its norm counts in the bound, and the other layers' "
+            "budgets shrink to make up for it.",
+        )
 
     def _operator(self, name: str, layer: nn.Module) -> Operator | None:
         operator = self._shapes.operator(name, layer)
@@ -385,6 +420,7 @@ class KappaBudgetProjection(Callback):
             "kappas": dict(self._current_kappas),
             "n_projections": self.n_projections,
             "n_skipped": self._n_skipped,
+            "unscalable": sorted(self._unscalable),
             "generator": self._generator.get_state(),
         }
 
@@ -395,4 +431,25 @@ class KappaBudgetProjection(Callback):
         self._current_kappas = dict(state_dict["kappas"])
         self.n_projections = state_dict["n_projections"]
         self._n_skipped = state_dict["n_skipped"]
+        self._unscalable = set(state_dict.get("unscalable", ()))  # absent from checkpoints of 0.1
         self._generator.set_state(state_dict["generator"])
+
+
+def _weight_parameters(layer: nn.Module) -> list[Tensor]:
+    """The parameters ``layer.weight`` is computed from: itself, or the originals of its parametrization."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return list(layer.parametrizations["weight"].parameters(recurse=False))
+    return [layer.weight]
+
+
+def _weight_source(layer: nn.Module) -> int:
+    """Identity of the storage of ``layer.weight`` (tied weights share it; a parametrized weight is computed anew on
+    every access, so its parametrization stands for it)."""
+    if parametrize.is_parametrized(layer, "weight"):
+        return id(layer.parametrizations["weight"])
+    return id(layer.weight)
+
+
+def _weight_is_stored(layer: nn.Module) -> bool:
+    """Whether ``layer.weight`` is a parameter or parametrized, not a tensor a forward pre-hook recomputes."""
+    return isinstance(layer.weight, nn.Parameter) or parametrize.is_parametrized(layer, "weight")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils import parametrize
 
 from lightning_lip.functional.lanczos import lanczos
 
@@ -272,6 +273,46 @@ def random_start(shape: Sequence[int], like: Tensor, generator: torch.Generator 
 def projection_scale(sigma: float, kappa: float) -> float:
     r"""Scale :math:`\min(1, \kappa/\sigma)` that brings a layer of norm ``sigma`` under ``kappa``."""
     return 1.0 if sigma <= kappa else kappa / sigma
+
+
+@torch.no_grad()
+def rescale_weight(module: nn.Module, scale: float) -> bool:
+    r""":math:`W \leftarrow s\,W` in place for ``module.weight``, a parameter or a parametrized tensor (through the
+    ``right_inverse`` of its parametrizations, e.g. weight normalization's). Returns ``False``, with the module left
+    unchanged, where the parametrizations do not give the rescaled weight back (no ``right_inverse``, or one that
+    renormalizes, as ``spectral_norm``'s)."""
+    if not parametrize.is_parametrized(module, "weight"):
+        module.weight.mul_(scale)
+        return True
+    chain = module.parametrizations["weight"]
+    target = module.weight * scale
+    value: Tensor | Sequence[Tensor] = target
+    for parametrization in reversed(chain):
+        if not hasattr(parametrization, "right_inverse"):
+            return False
+        value = parametrization.right_inverse(value)
+    originals = list(chain.parameters(recurse=False))
+    before = [p.clone() for p in originals]
+    for original, new in zip(originals, [value] if isinstance(value, Tensor) else value):
+        original.copy_(new)
+    tol = 16 * torch.finfo(target.dtype).eps  # a right inverse computed in the weight's precision
+    if torch.allclose(module.weight, target, rtol=tol, atol=tol * target.abs().max().item()):
+        return True
+    for original, old in zip(originals, before):
+        original.copy_(old)
+    return False
+
+
+def absorb_fixed(kappas: Mapping[str, float], sigmas: Mapping[str, float], fixed: set[str]) -> dict[str, float]:
+    r"""Budgets where the layers in ``fixed`` cannot be rescaled (frozen, or see :func:`rescale_weight`): each keeps
+    :math:`\max(\sigma_l, \kappa_l)`, and the factor by which they exceed their budgets is taken from the other layers
+    in equal log shares, so the product of the budgets stays :math:`\prod_l\kappa_l` (if any layer is free). From
+    :func:`proportional_budget` this gives the proportional budget of the other layers under
+    :math:`L_{max}/\prod_{fixed}\sigma_l`."""
+    excess = math.prod(max(1.0, sigmas[name] / kappas[name]) for name in fixed)
+    n_free = len(kappas) - len(fixed)
+    share = excess ** (1.0 / n_free) if n_free else 1.0
+    return {name: max(sigmas[name], k) if name in fixed else k / share for name, k in kappas.items()}
 
 
 def uniform_budget(names: Sequence[str], max_lipschitz: float) -> dict[str, float]:

@@ -299,15 +299,71 @@ def test_nonfinite_layer_is_skipped_and_nothing_nan_is_written(tmp_path):
     assert trainer.logged_metrics["lip/kappa/n_skipped"].item() == 4
 
 
-def test_frozen_layer_is_measured_not_projected(tmp_path):
+@pytest.mark.parametrize("policy", ["proportional", "uniform"])
+def test_frozen_layer_is_measured_not_projected_and_the_others_absorb_its_norm(tmp_path, policy):
+    """A frozen layer (a pretrained backbone) keeps its weight; the trainable layers take up the part of the budget
+    it exceeds, so the bound holds from the first projection."""
     model = Classifier(mlp(), lr=0.5)
     model.net[0].requires_grad_(False)
     before = model.net[0].weight.clone()
-    proj = KappaBudgetProjection(max_lipschitz=0.5)
-    with pytest.warns(UserWarning, match="'net.0' is frozen"):
-        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+    proj = KappaBudgetProjection(max_lipschitz=0.5, policy=policy)
+    norms = DenseNorms(proj, {})
+    with pytest.warns(UserWarning, match="'net.0' is frozen.*other layers' budgets shrink"):
+        Trainer(callbacks=[proj, norms], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
     assert torch.equal(model.net[0].weight, before)
     assert proj.sigmas["net.0"] == pytest.approx(dense_operator_norm(model.net[0]), rel=1e-3)
+    for dense, kappas, _ in norms.records:  # tolerances of test_projected_layers_meet_budget
+        assert math.prod(dense.values()) <= 0.5 * (1 + 1e-2)
+        assert all(dense[name] <= kappas[name] * (1 + 1e-3) for name in ("net.2", "net.4"))
+
+
+def _weight_normalized_mlp() -> nn.Sequential:
+    net = mlp()
+    for i in (0, 2, 4):
+        nn.utils.parametrizations.weight_norm(net[i])
+    return net
+
+
+def test_weight_normalized_layers_are_projected_through_their_parametrization(tmp_path):
+    """Every layer is covered (a parametrized weight is a new tensor on every access: it must not pass for a tied
+    one) and rescaled through weight normalization's right inverse; nothing is listed or warned."""
+    model = Classifier(_weight_normalized_mlp(), lr=0.5)
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    norms = DenseNorms(proj, {})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(project|frozen|parametrization).*")
+        Trainer(callbacks=[proj, norms], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+    assert set(proj.sigmas) == {"net.0", "net.2", "net.4"}
+    for dense, kappas, _ in norms.records:
+        assert all(dense[name] <= kappas[name] * (1 + 1e-3) for name in dense)
+        assert math.prod(dense.values()) <= 0.5 * (1 + 1e-2)
+
+
+def test_parametrization_that_does_not_take_a_rescaled_weight_is_held_fixed(tmp_path):
+    """``spectral_norm``'s parametrization renormalizes whatever is assigned: the layer is warned about once, left
+    as it is, and from then on counts as fixed, the others absorbing its norm."""
+    model = Classifier(mlp(), lr=0.5)
+    nn.utils.parametrizations.spectral_norm(model.net[2])
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    norms = DenseNorms(proj, {})
+    with pytest.warns(UserWarning, match="'net.2' has a weight parametrization that does not take a rescaled"):
+        Trainer(callbacks=[proj, norms], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+    assert proj.sigmas["net.2"] == pytest.approx(1.0, rel=1e-2)  # spectral_norm's own estimate of its norm
+    for dense, _, _ in norms.records[1:]:  # found at the first projection, absorbed from the second
+        assert math.prod(dense.values()) <= 0.5 * (1 + 1e-2)
+
+
+def test_weight_recomputed_by_a_hook_is_listed_not_projected(tmp_path):
+    """The deprecated ``torch.nn.utils.weight_norm`` recomputes ``weight`` before every forward pass: a rescaled copy
+    would be overwritten, so the layer is listed among those not projected."""
+    model = Classifier(mlp(), lr=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        nn.utils.weight_norm(model.net[0])
+    proj = KappaBudgetProjection(max_lipschitz=0.5)
+    with pytest.warns(UserWarning, match=r"net.0 \(Linear: weight recomputed by a hook"):
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+    assert set(proj.sigmas) == {"net.2", "net.4"}
 
 
 def test_custom_allocation_by_subclassing(tmp_path):

@@ -7,6 +7,7 @@ from torch import nn
 
 from lightning_lip.functional.spectral import (
     _with_adjoint,
+    absorb_fixed,
     lanczos_svd,
     layer_operator,
     operator_norm,
@@ -14,6 +15,7 @@ from lightning_lip.functional.spectral import (
     projection_scale,
     proportional_budget,
     random_start,
+    rescale_weight,
     uniform_budget,
 )
 from tests.reference import dense_operator, dense_operator_norm
@@ -161,6 +163,51 @@ def test_proportional_budget_under_and_over():
     assert math.prod(kappas.values()) == pytest.approx(2.0, rel=1e-12)
     ratios = [kappas[k] / over[k] for k in over]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-12)  # same shrink of every log sigma
+
+
+def test_absorb_fixed_gives_the_fixed_layers_excess_to_the_others():
+    sigmas = {"a": 4.0, "b": 9.0, "c": 0.5, "d": 3.0}  # product 54
+    kappas = absorb_fixed(proportional_budget(sigmas, 2.0), sigmas, {"b"})
+    assert kappas["b"] == 9.0  # keeps its norm
+    free = proportional_budget({k: s for k, s in sigmas.items() if k != "b"}, 2.0 / 9.0)
+    assert {k: kappas[k] for k in free} == pytest.approx(free, rel=1e-12)  # proportional under L_max / sigma_b
+    uniform = uniform_budget(list(sigmas), 16.0)  # 2 each: b and d exceed theirs by 4.5 and 1.5
+    kappas = absorb_fixed(uniform, sigmas, {"b", "d"})
+    assert kappas == pytest.approx({"a": 2 / 6.75**0.5, "b": 9.0, "c": 2 / 6.75**0.5, "d": 3.0}, rel=1e-12)
+    assert math.prod(kappas.values()) == pytest.approx(16.0, rel=1e-12)
+    assert absorb_fixed(uniform, sigmas, {"c"}) == uniform  # under its budget: nothing to give
+    assert absorb_fixed({"a": 1.0}, {"a": 3.0}, {"a"}) == {"a": 3.0}  # no free layer: over budget, as it must be
+
+
+class _Doubled(nn.Module):
+    """A parametrization without ``right_inverse``."""
+
+    def forward(self, weight):
+        return 2 * weight
+
+
+@pytest.mark.parametrize("kind", ["plain", "weight_norm", "weight_norm_conv", "spectral_norm", "no_right_inverse"])
+def test_rescale_weight(kind):
+    """Plain and weight-normalized weights are rescaled in place (the parameters keep their storage); parametrizations
+    that cannot take the rescaled weight back leave the module bit-identical and say so."""
+    layer = nn.Conv2d(2, 3, 3) if kind.endswith("conv") else nn.Linear(5, 4)
+    if kind.startswith("weight_norm"):
+        nn.utils.parametrizations.weight_norm(layer)
+    elif kind == "spectral_norm":
+        nn.utils.parametrizations.spectral_norm(layer).eval()  # eval: reading the weight leaves its vectors alone
+    elif kind == "no_right_inverse":
+        nn.utils.parametrize.register_parametrization(layer, "weight", _Doubled(), unsafe=True)
+    params = dict(layer.named_parameters())
+    before, pointers = copy.deepcopy(layer.state_dict()), {n: p.data_ptr() for n, p in params.items()}
+    target = layer.weight.detach() * 0.3
+    rescaled = rescale_weight(layer, 0.3)
+    assert rescaled == (kind in ("plain", "weight_norm", "weight_norm_conv"))
+    assert {n: p.data_ptr() for n, p in layer.named_parameters()} == pointers
+    if rescaled:  # float32: the right inverse and the parametrization round trip in a few ulps
+        torch.testing.assert_close(layer.weight, target, rtol=1e-6, atol=1e-7)
+        assert torch.equal(layer.bias, before["bias"])
+    else:
+        assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
 
 
 def test_linear_operator_adjoint_is_the_transpose():
