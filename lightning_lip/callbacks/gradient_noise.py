@@ -65,7 +65,8 @@ class GradientNoiseEstimator(Callback):
     version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per
     layer the gradient signal-to-noise ratio :math:`\|\bar g_l\|^2/\mathrm{tr}\,\Sigma_{B,l}`.
 
-    Lipschitz dynamics (``nn.Linear`` and ``nn.ConvNd`` layers): the step is the one the optimizer is about to
+    Lipschitz dynamics (``nn.Linear`` and ``nn.ConvNd`` layers whose weight is itself a parameter; a parametrized
+    one, as by weight normalization, is warned about once and left out): the step is the one the optimizer is about to
     take, written as :math:`\Delta W = o + c \odot g` by :func:`~lightning_lip.functional.stability.linear_step`
     (exact for SGD with momentum/Nesterov/weight decay; Adam/AdamW with the second moment frozen at the value of
     this step); its noise is :math:`c \odot \xi` with :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`,
@@ -185,9 +186,15 @@ class GradientNoiseEstimator(Callback):
                 raise ValueError(f"`layers` names modules the model does not have (or without weight): {absent}.")
             self._layers = {n: modules[n] for n in self.layers}
         else:
-            self._layers = {
-                n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES) and m.weight.requires_grad
-            }
+            self._layers = {n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES) and _trained(m)}
+        computed = [n for n, m in self._layers.items() if isinstance(m, _DYNAMICS_TYPES) and not _own_weight(m)]
+        if computed:
+            self._warn(
+                "computed",
+                f"{type(self).__name__}: no Lipschitz dynamics for layers whose weight is computed (parametrized, or "
+                f"recomputed by a hook), as the optimizer steps other tensors: {', '.join(computed)}. Their gradients "
+                "count in the noise statistics and their SNR.",
+            )
         self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
 
     @override
@@ -288,7 +295,7 @@ class GradientNoiseEstimator(Callback):
         }
         metrics |= {f"lip/noise/eigenvalue_{i + 1}": mu.item() for i, mu in enumerate(stats.top_eigenvalues)}
         for layer_name, layer in self._layers.items():
-            keys = [f"{layer_name}.{p}" for p, _ in layer.named_parameters(recurse=False)]
+            keys = [f"{layer_name}.{p}" for p, _ in layer.named_parameters()]  # a parametrization's originals too
             parts = [per_param[key] for key in keys if key in per_param]
             if parts:
                 signal = sum(m.square().sum() for m, _ in parts)
@@ -487,6 +494,16 @@ class GradientNoiseEstimator(Callback):
         self._vectors = dict(state_dict["vectors"])
         self._generator.set_state(state_dict["generator"])
         self._budget.load_state_dict(state_dict["budget"])
+
+
+def _own_weight(layer: nn.Module) -> bool:
+    """Whether the optimizer steps ``layer.weight`` itself (a parameter, not computed from others)."""
+    return isinstance(layer.weight, nn.Parameter) and not nn.utils.parametrize.is_parametrized(layer, "weight")
+
+
+def _trained(layer: nn.Module) -> bool:
+    """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
+    return layer.weight.requires_grad if _own_weight(layer) else any(p.requires_grad for p in layer.parameters())
 
 
 def _effective_batch(trainer: Trainer, global_batch: int) -> float:

@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -66,6 +67,27 @@ def test_statistics_equal_dense_covariance_of_a_per_sample_loop(tmp_path, arch):
     assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/snr/")} == layers
     assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")} == layers
     assert all(registry.get(f"noise/diffusion/{name}") >= 0 for name in layers)
+
+
+def test_weight_normalized_layer_has_statistics_and_snr_but_no_dynamics(tmp_path, recwarn):
+    """The optimizer steps weight normalization's magnitude and direction, not the weight: that layer has no
+    dynamics (warned once), but its gradients count in the statistics and in its SNR, against a per-sample loop."""
+    net = mlp((8, 12, 4))
+    nn.utils.parametrizations.weight_norm(net[0])
+    noise = LastBatch(every_n_steps=3)
+    fit(tmp_path, Classifier(net), random_data(64, (8,)), [noise])
+    warned = [str(w.message) for w in recwarn if "no Lipschitz dynamics" in str(w.message)]
+    assert len(warned) == 1 and ": net.0." in warned[0]
+    (x, y), params = noise.seen
+    ref = copy.deepcopy(net)
+    ref.load_state_dict({k[len("net.") :]: v for k, v in params.items()})
+    grads = loop_grads(ref.double(), x.double(), y)
+    first = torch.tensor([n.startswith("0.") for n, p in ref.named_parameters() for _ in range(p.numel())])
+    layer = grads[:, first]  # bias, magnitude and direction of net.0
+    expected = layer.mean(0).square().sum() / (torch.cov(layer.T).trace() / len(x))
+    assert noise.last["lip/noise/snr/net.0"] == pytest.approx(expected.item(), rel=1e-4)
+    assert noise.last["lip/noise/trace"] == pytest.approx(torch.cov(grads.T).trace().item(), rel=1e-5)
+    assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")} == {"net.2"}
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
