@@ -109,6 +109,25 @@ def test_compiled_network(tmp_path):
     assert controller.states[0].n_cuts > 0
 
 
+def test_weight_normalized_network(tmp_path, recwarn):
+    """Weight normalization on every layer (as in audio models): all four callbacks work, the projection through
+    the parametrization."""
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    torch.manual_seed(0)
+    net = cnn()
+    for i in (0, 2, 5):
+        torch.nn.utils.parametrizations.weight_norm(net[i])
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(Classifier(net, lr=2.0, momentum=0.5), loader(random_data(64, (1, 8, 8))))
+    assert kappa.n_projections == 8 and set(kappa.sigmas) == {"net.0", "net.2", "net.5"}
+    assert kappa.bound <= 3.0 * (1 + 1e-2)
+    assert monitor.n_runs == 4 and math.isfinite(monitor.last["lip/hessian/lambda_max"])
+    assert noise.n_runs == 4 and math.isfinite(noise.last["lip/noise/trace"])
+    assert controller.states[0].n_cuts > 0
+    assert not [w for w in recwarn if "torch.func cannot" in str(w.message) or "frozen" in str(w.message)]
+
+
 class Manual(Classifier):
     """Manual optimization: ``training_step`` steps the optimizer itself, so the loss comes from ``lip_loss``."""
 
