@@ -280,6 +280,8 @@ class KappaBudgetProjection(Callback):
                 self._n_skipped += 1
                 self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
         fixed = {name for name in sigmas if self._is_fixed(name)}
+        for name in fixed:
+            self._warn_fixed(name)
         kappas = absorb_fixed(self._checked_allocation(sigmas), sigmas, fixed)
         n_projected = 0
         for name, sigma in sigmas.items():
@@ -298,11 +300,7 @@ class KappaBudgetProjection(Callback):
     def _is_fixed(self, name: str) -> bool:
         """Whether layer ``name`` cannot be rescaled: frozen, or its weight's parametrization does not take a
         rescaled weight back (found at an earlier step)."""
-        layer = self._layers[name]
-        frozen = not any(p.requires_grad for p in _weight_parameters(layer))
-        if frozen or name in self._unscalable:
-            self._warn_fixed(name)
-        return frozen or name in self._unscalable
+        return name in self._unscalable or not any(p.requires_grad for p in _weight_parameters(self._layers[name]))
 
     def _warn_fixed(self, name: str) -> None:
         reason = (
@@ -443,8 +441,8 @@ def _weight_parameters(layer: nn.Module) -> list[Tensor]:
 
 
 def _weight_source(layer: nn.Module) -> int:
-    """Identity of the storage of ``layer.weight`` (tied weights share it; a parametrized weight is computed anew on
-    every access, so its parametrization stands for it)."""
+    """Identity of the tensor ``layer.weight`` (tied weights share it; a parametrized weight is computed anew on every
+    access, so its parametrization stands for it)."""
     if parametrize.is_parametrized(layer, "weight"):
         return id(layer.parametrizations["weight"])
     return id(layer.weight)

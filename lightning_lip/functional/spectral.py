@@ -278,9 +278,10 @@ def projection_scale(sigma: float, kappa: float) -> float:
 @torch.no_grad()
 def rescale_weight(module: nn.Module, scale: float) -> bool:
     r""":math:`W \leftarrow s\,W` in place for ``module.weight``, a parameter or a parametrized tensor (through the
-    ``right_inverse`` of its parametrizations, e.g. weight normalization's). Returns ``False``, with the module left
-    unchanged, where the parametrizations do not give the rescaled weight back (no ``right_inverse``, or one that
-    renormalizes, as ``spectral_norm``'s)."""
+    ``right_inverse`` of its parametrizations, e.g. weight normalization's). Returns ``False``, with the parameters
+    left unchanged, where the parametrizations do not give the rescaled weight back (no ``right_inverse``, or one
+    that renormalizes, as ``spectral_norm``'s, whose power-iteration buffers advance as on any read in training
+    mode)."""
     if not parametrize.is_parametrized(module, "weight"):
         module.weight.mul_(scale)
         return True
