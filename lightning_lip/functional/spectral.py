@@ -278,29 +278,29 @@ def projection_scale(sigma: float, kappa: float) -> float:
 @torch.no_grad()
 def rescale_weight(module: nn.Module, scale: float) -> bool:
     r""":math:`W \leftarrow s\,W` in place for ``module.weight``, a parameter or a parametrized tensor (through the
-    ``right_inverse`` of its parametrizations, e.g. weight normalization's). Returns ``False``, with the parameters
-    left unchanged, where the parametrizations do not give the rescaled weight back (no ``right_inverse``, or one
-    that renormalizes, as ``spectral_norm``'s, whose power-iteration buffers advance as on any read in training
-    mode)."""
+    ``right_inverse`` of its parametrizations, e.g. weight normalization's). Returns ``False``, with the module left
+    unchanged, where the parametrizations do not give the rescaled weight back: no ``right_inverse``, one that
+    raises (``orthogonal``'s on a matrix that is not), or one that renormalizes (``spectral_norm``'s)."""
     if not parametrize.is_parametrized(module, "weight"):
         module.weight.mul_(scale)
         return True
     chain = module.parametrizations["weight"]
+    if not all(hasattr(parametrization, "right_inverse") for parametrization in chain):
+        return False
+    before = {key: t.clone() for key, t in chain.state_dict().items()}  # originals and the parametrizations' buffers
     target = module.weight * scale
-    value: Tensor | Sequence[Tensor] = target
-    for parametrization in reversed(chain):
-        if not hasattr(parametrization, "right_inverse"):
-            return False
-        value = parametrization.right_inverse(value)
-    originals = list(chain.parameters(recurse=False))
-    before = [p.clone() for p in originals]
-    for original, new in zip(originals, [value] if isinstance(value, Tensor) else value):
-        original.copy_(new)
-    tol = 16 * torch.finfo(target.dtype).eps  # a right inverse computed in the weight's precision
-    if torch.allclose(module.weight, target, rtol=tol, atol=tol * target.abs().max().item()):
-        return True
-    for original, old in zip(originals, before):
-        original.copy_(old)
+    try:
+        value: Tensor | Sequence[Tensor] = target
+        for parametrization in reversed(chain):
+            value = parametrization.right_inverse(value)
+        for original, new in zip(chain.parameters(recurse=False), [value] if isinstance(value, Tensor) else value):
+            original.copy_(new)
+        tol = 16 * torch.finfo(target.dtype).eps  # a right inverse computed in the weight's precision
+        if torch.allclose(module.weight, target, rtol=tol, atol=tol * target.abs().max().item()):
+            return True
+    except (RuntimeError, ValueError):  # NotImplementedError included
+        pass
+    chain.load_state_dict(before)
     return False
 
 

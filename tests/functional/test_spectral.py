@@ -186,20 +186,28 @@ class _Doubled(nn.Module):
         return 2 * weight
 
 
-@pytest.mark.parametrize("kind", ["plain", "weight_norm", "weight_norm_conv", "spectral_norm", "no_right_inverse"])
+PARAMETRIZATIONS = ["plain", "weight_norm", "weight_norm_conv", "spectral_norm", "orthogonal", "orthogonal_fixed"]
+
+
+@pytest.mark.parametrize("kind", [*PARAMETRIZATIONS, "no_right_inverse"])
 def test_rescale_weight(kind):
     """Plain and weight-normalized weights are rescaled in place (the parameters keep their storage); parametrizations
-    that cannot take the rescaled weight back leave the module bit-identical and say so."""
-    layer = nn.Conv2d(2, 3, 3) if kind.endswith("conv") else nn.Linear(5, 4)
+    that cannot take the rescaled weight back (renormalizing, raising, or without ``right_inverse``) leave the module
+    bit-identical, buffers included, and say so."""
+    layer = nn.Conv2d(2, 3, 3) if kind.endswith("conv") else nn.Linear(5, 4) if kind != "orthogonal_fixed" else None
     if kind.startswith("weight_norm"):
         nn.utils.parametrizations.weight_norm(layer)
     elif kind == "spectral_norm":
-        nn.utils.parametrizations.spectral_norm(layer).eval()  # eval: reading the weight leaves its vectors alone
+        nn.utils.parametrizations.spectral_norm(layer)  # training mode: every read advances its power iteration
+    elif kind == "orthogonal":  # right_inverse moves its trivialization base
+        nn.utils.parametrizations.orthogonal(layer)
+    elif kind == "orthogonal_fixed":  # right_inverse raises
+        layer = nn.utils.parametrizations.orthogonal(nn.Linear(4, 4), use_trivialization=False)
     elif kind == "no_right_inverse":
         nn.utils.parametrize.register_parametrization(layer, "weight", _Doubled(), unsafe=True)
     params = dict(layer.named_parameters())
+    target = layer.weight.detach() * 0.3  # a read: before the snapshot (spectral_norm's vectors move)
     before, pointers = copy.deepcopy(layer.state_dict()), {n: p.data_ptr() for n, p in params.items()}
-    target = layer.weight.detach() * 0.3
     rescaled = rescale_weight(layer, 0.3)
     assert rescaled == (kind in ("plain", "weight_norm", "weight_norm_conv"))
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == pointers
