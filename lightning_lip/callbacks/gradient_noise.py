@@ -59,7 +59,8 @@ class GradientNoiseEstimator(Callback):
     (dropout off, BatchNorm on running statistics), without touching ``.grad`` or the optimizer. Under DDP the
     per-sample gradients of all ranks are gathered, so the statistics are those of the global batch seen by one
     process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)``; it must be a
-    mean over samples (``lip_loss`` is required with manual optimization).
+    mean over samples (``lip_loss`` is required with manual optimization). If ``torch.func`` cannot differentiate
+    the model the callback warns once and stops measuring, with the reason in :attr:`failure`.
 
     Noise statistics (all parameters): :math:`\mathrm{tr}\,\Sigma`, :math:`\|\bar g\|^2` (and its unbiased
     version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per

@@ -57,7 +57,9 @@ class HessianEigenMonitor(Callback):
     ``training_step(batch, 0)`` with logging muted (``lip_loss`` is required with manual optimization). Dropout is
     off during the measurement; BatchNorm uses its running statistics (``bn_mode="eval"``) or the probe batch's
     statistics (``"train"``). Training is left bit-identical: ``model.training``, ``.grad``, buffers and the RNG
-    state are restored, no ``.backward()`` runs. Under DDP the products are averaged over ranks (weighted by probe
+    state are restored, no ``.backward()`` runs. If ``torch.func`` cannot differentiate the model (activation
+    checkpointing, an ``autograd.Function`` without ``setup_context``) the callback warns once and stops measuring,
+    with the reason in :attr:`failure`. Under DDP the products are averaged over ranks (weighted by probe
     size), so every rank gets the same result.
 
     Logged: ``lip/hessian/lambda_max``, ``lambda_min``, ``residual``, ``n_hvp``, ``seconds``, ``eta_lambda_max``
