@@ -118,8 +118,10 @@ def test_weight_norm_hessian_is_exact(style):
         net = nn.Sequential(apply(nn.Linear(4, 3)), nn.Tanh(), nn.Linear(3, 2)).double()
     x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     params = trainable_parameters(net)
-    names = {"parametrization": ("0.parametrizations.weight.original0", "0.parametrizations.weight.original1")}
-    g_name, v_name = names.get(style, ("0.weight_g", "0.weight_v"))
+    g_name, v_name = {
+        "parametrization": ("0.parametrizations.weight.original0", "0.parametrizations.weight.original1"),
+        "hook": ("0.weight_g", "0.weight_v"),
+    }[style]
     order = list(params)
 
     def explicit(*values):

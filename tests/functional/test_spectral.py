@@ -186,25 +186,32 @@ class _Doubled(nn.Module):
         return 2 * weight
 
 
-PARAMETRIZATIONS = ["plain", "weight_norm", "weight_norm_conv", "spectral_norm", "orthogonal", "orthogonal_fixed"]
+def _parametrized(kind: str) -> nn.Module:
+    layer = nn.Conv2d(2, 3, 3) if kind == "weight_norm_conv" else nn.Linear(4, 4)
+    P = nn.utils.parametrizations
+    make = {
+        "plain": lambda: layer,
+        "weight_norm": lambda: P.weight_norm(layer),
+        "weight_norm_conv": lambda: P.weight_norm(layer),
+        "spectral_norm": lambda: P.spectral_norm(layer),  # training mode: every read advances its power iteration
+        "orthogonal": lambda: P.orthogonal(layer),  # right_inverse moves its trivialization base
+        "orthogonal_fixed": lambda: P.orthogonal(layer, use_trivialization=False),  # right_inverse raises
+        "no_right_inverse": lambda: nn.utils.parametrize.register_parametrization(
+            layer, "weight", _Doubled(), unsafe=True
+        ),
+    }
+    return make[kind]()
 
 
-@pytest.mark.parametrize("kind", [*PARAMETRIZATIONS, "no_right_inverse"])
+@pytest.mark.parametrize(
+    "kind",
+    ["plain", "weight_norm", "weight_norm_conv", "spectral_norm", "orthogonal", "orthogonal_fixed", "no_right_inverse"],
+)
 def test_rescale_weight(kind):
     """Plain and weight-normalized weights are rescaled in place (the parameters keep their storage); parametrizations
     that cannot take the rescaled weight back (renormalizing, raising, or without ``right_inverse``) leave the module
     bit-identical, buffers included, and say so."""
-    layer = nn.Conv2d(2, 3, 3) if kind.endswith("conv") else nn.Linear(5, 4) if kind != "orthogonal_fixed" else None
-    if kind.startswith("weight_norm"):
-        nn.utils.parametrizations.weight_norm(layer)
-    elif kind == "spectral_norm":
-        nn.utils.parametrizations.spectral_norm(layer)  # training mode: every read advances its power iteration
-    elif kind == "orthogonal":  # right_inverse moves its trivialization base
-        nn.utils.parametrizations.orthogonal(layer)
-    elif kind == "orthogonal_fixed":  # right_inverse raises
-        layer = nn.utils.parametrizations.orthogonal(nn.Linear(4, 4), use_trivialization=False)
-    elif kind == "no_right_inverse":
-        nn.utils.parametrize.register_parametrization(layer, "weight", _Doubled(), unsafe=True)
+    layer = _parametrized(kind)
     params = dict(layer.named_parameters())
     target = layer.weight.detach() * 0.3  # a read: before the snapshot (spectral_norm's vectors move)
     before, pointers = copy.deepcopy(layer.state_dict()), {n: p.data_ptr() for n, p in params.items()}
