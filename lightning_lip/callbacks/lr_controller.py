@@ -92,8 +92,9 @@ class CurvatureLRController(Callback):
     mean over ranks.
 
     Logged: ``lip/lr/effective``, ``scheduled``, ``throttle``, ``ratio`` (:math:`s\,r`, effective), ``bound``,
-    ``threshold``, ``signal``, and the events ``n_cuts``, ``n_recoveries``, ``n_emergencies``, ``n_spikes`` (with
-    several param groups, for the least stable one, plus ``lip/lr/throttle/group_<i>``). Registry:
+    ``threshold``, ``signal`` (with several param groups, for the least stable one, plus
+    ``lip/lr/throttle/group_<i>``), and the event counters ``n_cuts``, ``n_recoveries``, ``n_emergencies``,
+    ``n_spikes``, on the loggers' steps. Registry:
     ``lr/throttle``, ``lr/effective`` (lists per param group).
 
     Args:
@@ -192,6 +193,7 @@ class CurvatureLRController(Callback):
         self._step_loss = 0.0  # sum over the step's micro-batches of the (accumulation-normalized) loss
         self.loss_ema: float | None = None
         self.n_spikes = 0
+        self._logged_counts: tuple[dict[str, float], int] | None = None  # the event counters last logged, epoch
         self._handles: list[Any] = []
         self._warn = WarnOnce()
 
@@ -404,10 +406,6 @@ class CurvatureLRController(Callback):
             "lip/lr/scheduled": lr,
             "lip/lr/throttle": state.throttle,
             "lip/lr/bound": state.bound,
-            "lip/lr/n_cuts": float(sum(s.n_cuts for s in self.states)),
-            "lip/lr/n_recoveries": float(sum(s.n_recoveries for s in self.states)),
-            "lip/lr/n_emergencies": float(sum(s.n_emergencies for s in self.states)),
-            "lip/lr/n_spikes": float(self.n_spikes),
         }
         if threshold is not None:
             metrics["lip/lr/threshold"] = threshold
@@ -418,6 +416,15 @@ class CurvatureLRController(Callback):
             metrics |= {f"lip/lr/throttle/group_{i}": s.throttle for i, s in enumerate(self.states)}
         return metrics
 
+    def _event_counts(self) -> dict[str, float]:
+        """The event counters, summed over param groups."""
+        return {
+            "lip/lr/n_cuts": float(sum(s.n_cuts for s in self.states)),
+            "lip/lr/n_recoveries": float(sum(s.n_recoveries for s in self.states)),
+            "lip/lr/n_emergencies": float(sum(s.n_emergencies for s in self.states)),
+            "lip/lr/n_spikes": float(self.n_spikes),
+        }
+
     @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -425,7 +432,13 @@ class CurvatureLRController(Callback):
         if self._probe is not None:
             self._probe.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._rows and trainer._logger_connector.should_update_logs:
-            log_on_logger_steps(trainer, pl_module, self._metrics(self._rows))
+            # Lightning repeats a step metric's last value on the loggers' steps until the epoch ends: the counters
+            # are only passed to `self.log` (~0.5 ms a scalar) when they change or a new epoch starts.
+            metrics, counts = self._metrics(self._rows), (self._event_counts(), trainer.current_epoch)
+            if counts != self._logged_counts:
+                metrics |= counts[0]
+                self._logged_counts = counts
+            log_on_logger_steps(trainer, pl_module, metrics)
         self._rows = []
 
     @override

@@ -1,3 +1,4 @@
+import csv
 import math
 
 import pytest
@@ -373,3 +374,38 @@ def test_a_negative_loss_warns_once_and_holds_the_bound(tmp_path):
         fit(tmp_path, SpikeAt(shift=-10.0), [recorder, controller])
     assert sum("negative loss" in str(w.message) for w in record) == 1
     assert recorder.bounds == [0.5] * 4 and controller.n_spikes == 0
+
+
+class CounterRecorder(FixedSignal):
+    """The fixed signal, plus the controller's event counters after every step (placed after the controller)."""
+
+    def __init__(self, lam, controller):
+        super().__init__(lam)
+        self.controller, self.counts = controller, []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.counts.append(self.controller._event_counts())
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_event_counters_reach_every_logging_step_but_are_passed_to_log_only_when_they_change(tmp_path, every):
+    from lightning.pytorch.loggers import CSVLogger
+
+    class Spy(SpikeAt):
+        def log_dict(self, dictionary, **kwargs):
+            self.passed.append(sorted(key for key in dictionary if "/n_" in key))
+            super().log_dict(dictionary, **kwargs)
+
+    controller = CurvatureLRController(mode="strict", recovery=2.0)
+    recorder = CounterRecorder(lambda step: 400.0 if step == 1 else 1.0, controller)  # a cut, two recoveries
+    model, logger, counters = Spy(), CSVLogger(tmp_path), sorted(controller._event_counts())
+    model.passed = []
+    fit(tmp_path, model, [controller, recorder], random_data(80), logger=logger, log_every_n_steps=every, max_epochs=2)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = [row for row in csv.DictReader(f) if row["lip/lr/throttle"]]
+    logged = [t for t in range(10) if (t + 1) % every == 0]  # epochs of 5 steps
+    assert [int(row["step"]) for row in rows] == logged and all(row["lip/lr/signal"] for row in rows)
+    assert [{key: float(row[key]) for key in counters} for row in rows] == [recorder.counts[t] for t in logged]
+    seen = [(recorder.counts[t], t // 5) for t in logged]  # changed since the last logging step, or a new epoch
+    changed = [i == 0 or seen[i] != seen[i - 1] for i in range(len(seen))]
+    assert sum(changed) < len(logged) and model.passed == [counters if c else [] for c in changed]
