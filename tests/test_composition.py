@@ -332,11 +332,14 @@ def test_every_documented_tag_reaches_tensorboard(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path):
+@pytest.mark.parametrize("variant", [(), ("weight_norm",)], ids=["plain", "weight_norm"])
+def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path, variant):
     from tests.ddp import run_ddp
 
-    rank0, rank1 = run_ddp("ddp_all.py", tmp_path)
+    rank0, rank1 = run_ddp("ddp_all.py", tmp_path, *variant)
     assert rank0["used"] == rank1["used"] and min(lr for row in rank0["used"] for lr in row) < 2.0  # throttled
     for key in rank0["params"]:
         assert torch.equal(rank0["params"][key], rank1["params"][key]), key
     assert rank0["metrics"] == rank1["metrics"]
+    assert any("parametrizations" in key for key in rank0["params"]) == bool(variant)
+    assert len(rank0["metrics"]["sigmas"]) == 3 and math.prod(rank0["metrics"]["sigmas"].values()) <= 3.0 * (1 + 1e-2)

@@ -1,4 +1,5 @@
-"""2-process DDP run of all four callbacks; each rank saves the LRs it used, its parameters and the metrics."""
+"""2-process DDP run of all four callbacks; each rank saves the LRs it used, its parameters and the metrics. With the
+argument ``weight_norm``, every layer of the CNN is weight-normalized (a parametrization)."""
 
 import sys
 
@@ -14,7 +15,11 @@ if __name__ == "__main__":
     out = sys.argv[1]
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = Classifier(cnn(), lr=2.0)
+    net = cnn()
+    if sys.argv[2:] == ["weight_norm"]:
+        for i in (0, 2, 5):
+            torch.nn.utils.parametrizations.weight_norm(net[i])
+    model = Classifier(net, lr=2.0)
     model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=2.0, momentum=0.5)
     callbacks = four()
     trainer = Trainer(**ddp_trainer_kwargs(callbacks=callbacks, max_epochs=2))
