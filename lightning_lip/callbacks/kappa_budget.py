@@ -265,11 +265,13 @@ class KappaBudgetProjection(Callback):
             return
         triplets = {name: self._measure(name, op, audit) for name, op in operators.items()}
         estimates = torch.stack([torch.stack([t.sigma, t.sigma_prev]).double() for t in triplets.values()]).cpu()
+        refined = False
         for name, (sigma, sigma_prev) in zip(list(triplets), estimates.tolist()):
             if math.isfinite(sigma) and sigma - sigma_prev > self.tol * sigma:  # not converged: refine warm
                 triplets[name] = self._measure(name, operators[name], audit, refine=triplets[name].v)
+                refined = True
+        measured = torch.stack([t.sigma.double() for t in triplets.values()]).cpu() if refined else estimates[:, 0]
         # Rank 0 decides: the scales are identical everywhere even where kernels are not bitwise deterministic.
-        measured = torch.stack([t.sigma.double() for t in triplets.values()]).cpu()
         measured = trainer.strategy.broadcast(measured, src=0).tolist()
         sigmas = {}
         for (name, triplet), sigma in zip(triplets.items(), measured):
