@@ -1,10 +1,11 @@
 """Training stability across learning rates: baseline vs CurvatureLRController and the usual remedies.
 
     python benchmarks/stability.py [--seeds 5] [--epochs 8] [--paired-seeds 60]
-        [--parts minibatch fullbatch paired margins overhead]
+        [--parts minibatch cnn fullbatch paired paired-cnn margins overhead]
 
 Digits MLP 64-128-128-10 (sklearn, 1437 train / 360 validation), plain SGD with mini-batches of 64 (8 epochs)
-and full-batch GD (150 steps), over learning rates from well below the largest stable one to 32x beyond it.
+and full-batch GD (150 steps), and a digits CNN (two 3x3 convolutions) with the same mini-batches, over learning
+rates from well below the largest stable one to 32x beyond it.
 Methods: baseline; this controller in its adaptive (default), strict and guard modes (default margin 0.5; fed
 by a HessianEigenMonitor every 10 steps, every 5 in full batch, 5-HVP warm Lanczos on 256 samples); gradient-norm
 clipping at 1; AdGD (Malitsky & Mishchenko 2020, the adaptive secant step with the secant on one batch, capped by
@@ -12,8 +13,9 @@ the nominal LR); linear LR warm-up over the first 20% of steps; and the LR Light
 row, independent of the grid). Reported: final validation accuracy (%) averaged over seeds, "div" when a seed
 diverged (non-finite loss); then each method against the targets: its best LR, its cost at the baseline's best
 LR, and its worst seed up to 8x the baseline's largest stable LR. Then adaptive mode's cost at the baseline's
-best full-batch LR over many paired seeds, strict mode with larger margins, and the controller's per-step
-overhead when fed by the registry. The parts run independently (two processes halve the wall time).
+best LR over many paired seeds (MLP in full batch, CNN with mini-batches), strict mode with larger margins, and
+the controller's per-step overhead when fed by the registry. The parts run independently (two processes halve the
+wall time).
 """
 
 from __future__ import annotations
@@ -48,10 +50,26 @@ def data(full_batch: bool) -> tuple[DataLoader, tuple[torch.Tensor, torch.Tensor
     return DataLoader(TensorDataset(x[train], y[train]), batch_size=batch, shuffle=not full_batch), (x[val], y[val])
 
 
-class MLP(LightningModule):
-    def __init__(self, lr: float, method: str, total_steps: int) -> None:
+def network(arch: str) -> nn.Module:
+    """The MLP 64-128-128-10, or a CNN on the 8x8 images: two 3x3 convolutions (16 and 32 channels, the second of
+    stride 2) and a linear classifier."""
+    if arch == "mlp":
+        return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)),
+        nn.Conv2d(1, 16, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 3, padding=1, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(32 * 4 * 4, 10),
+    )
+
+
+class Digits(LightningModule):
+    def __init__(self, lr: float, method: str, total_steps: int, arch: str = "mlp") -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 10))
+        self.net = network(arch)
         self.lr, self.method, self.total_steps = lr, method, total_steps
         self.diverged = False
 
@@ -106,12 +124,14 @@ class AdGD(torch.optim.Optimizer):
         return loss
 
 
-def run(lr: float, method: str, seed: int, epochs: int, full_batch: bool, margin: float = 0.5) -> float | None:
+def run(
+    lr: float, method: str, seed: int, epochs: int, full_batch: bool, margin: float = 0.5, arch: str = "mlp"
+) -> float | None:
     """Validation accuracy (%) after training, ``None`` if the loss became non-finite; ``margin`` of the controller."""
     torch.manual_seed(seed)
     train, (xv, yv) = data(full_batch)
     steps = epochs * len(train)
-    model = MLP(lr, method, steps)
+    model = Digits(lr, method, steps, arch)
     callbacks: list[Callback] = []
     if method in CurvatureLRController.MODES:
         callbacks = [
@@ -131,12 +151,12 @@ def run(lr: float, method: str, seed: int, epochs: int, full_batch: bool, margin
     return 100 * (logits.argmax(1) == yv).float().mean().item()
 
 
-def lr_find_pick(full_batch: bool) -> float:
+def lr_find_pick(full_batch: bool, arch: str) -> float:
     from lightning.pytorch.tuner import Tuner  # noqa: PLC0415
 
     torch.manual_seed(0)
     train, _ = data(full_batch)
-    model = MLP(0.1, "baseline", 1)
+    model = Digits(0.1, "baseline", 1, arch)
     trainer = quiet_trainer(max_epochs=200)  # enough epochs for 100 full-batch steps
     finder = Tuner(trainer).lr_find(model, train_dataloaders=train, min_lr=1e-4, max_lr=100.0, num_training=100)
     suggestion = finder.suggestion()
@@ -157,22 +177,22 @@ def cell(accs: list[float | None], show_min: bool = False) -> str:
     return text + ("" if len(ok) == len(accs) else f" ({len(accs) - len(ok)} div)")
 
 
-def sweep(seeds: int, epochs: int, full_batch: bool, lrs: list[float]) -> None:
-    label = "full-batch GD" if full_batch else "SGD, batch 64"
+def sweep(seeds: int, epochs: int, full_batch: bool, lrs: list[float], arch: str = "mlp") -> None:
+    label = f"digits {arch.upper()}, " + ("full-batch GD" if full_batch else "SGD, batch 64")
     print(f"\n## {label}, {epochs} epochs, mean validation accuracy (%) over {seeds} seeds\n")
     print("| lr | " + " | ".join(METHODS) + " |")
     print("|---|" + "---|" * len(METHODS))
     accs: dict[tuple[float, str], list[float | None]] = {}
     for lr in lrs:
         for method in METHODS:
-            accs[lr, method] = [run(lr, method, seed, epochs, full_batch) for seed in range(seeds)]
+            accs[lr, method] = [run(lr, method, seed, epochs, full_batch, arch=arch) for seed in range(seeds)]
         print(f"| {lr:g} | " + " | ".join(cell(accs[lr, m]) for m in METHODS) + " |", flush=True)
     targets(accs, lrs)
-    pick = lr_find_pick(full_batch)
+    pick = lr_find_pick(full_batch, arch)
     if math.isnan(pick):
         print("\n`lr_find` made no suggestion.")
         return
-    accs = [run(pick, "baseline", seed, epochs, full_batch) for seed in range(seeds)]
+    accs = [run(pick, "baseline", seed, epochs, full_batch, arch=arch) for seed in range(seeds)]
     ok = [a for a in accs if a is not None]
     print(
         f"\n`lr_find` suggests lr = {pick:.3g}: baseline at that lr {statistics.mean(ok):.1f}% "
@@ -265,7 +285,7 @@ def overhead(repeats: int) -> None:
         TensorDataset(torch.randn(128 * steps, 784), torch.randint(0, 10, (128 * steps,))), batch_size=128
     )
     cases = [
-        ("digits MLP, batch 64", lambda: MLP(0.1, "baseline", 1), digits),
+        ("digits MLP, batch 64", lambda: Digits(0.1, "baseline", 1), digits),
         ("MLP 784-1024-1024-10, batch 128", lambda: Model(mlp()), wide),
     ]
     print("\n## Controller overhead when fed by the registry\n")
@@ -296,15 +316,16 @@ def margin_sweep(seeds: int, epochs: int, margins: list[float], lrs: list[float]
         print(f"| {margin:g} | " + " | ".join(cell(a, show_min=True) for a in accs) + " |")
 
 
-def paired_cost(seeds: int, lr: float = 0.5) -> None:
-    """Adaptive mode's cost at ``lr`` (the baseline's best in the full-batch table), paired by seed: the 5-seed
-    tables cannot resolve a few tenths of a point."""
+def paired_cost(seeds: int, lr: float, full_batch: bool, arch: str, epochs: int) -> None:
+    """Adaptive mode's cost at ``lr`` (the baseline's best in its table), paired by seed: the 5-seed tables cannot
+    resolve a few tenths of a point."""
     diffs = []
     for seed in range(seeds):
-        base, ours = (run(lr, method, seed, FULL_BATCH_STEPS, True) for method in ("baseline", "adaptive"))
+        base, ours = (run(lr, method, seed, epochs, full_batch, arch=arch) for method in ("baseline", "adaptive"))
         diffs.append((ours or 0.0) - (base or 0.0))
     mean, error = statistics.mean(diffs), statistics.stdev(diffs) / seeds**0.5
-    print(f"\n## Adaptive minus baseline, full batch, lr {lr:g}, {seeds} paired seeds\n")
+    label = f"digits {arch.upper()}, " + ("full batch" if full_batch else "batch 64")
+    print(f"\n## Adaptive minus baseline, {label}, lr {lr:g}, {seeds} paired seeds\n")
     print(
         f"mean {mean:+.2f} points, standard error {error:.2f}, median {statistics.median(diffs):+.2f}, "
         f"range {min(diffs):+.1f} to {max(diffs):+.1f}"
@@ -316,16 +337,20 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--paired-seeds", type=int, default=60)
-    parts = ["minibatch", "fullbatch", "paired", "margins", "overhead"]
+    parts = ["minibatch", "cnn", "fullbatch", "paired", "paired-cnn", "margins", "overhead"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     args = parser.parse_args()
     torch.set_num_threads(1)
     if "minibatch" in args.parts:
         sweep(args.seeds, args.epochs, False, [0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0])
+    if "cnn" in args.parts:
+        sweep(args.seeds, args.epochs, False, [0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0], arch="cnn")
     if "fullbatch" in args.parts:
         sweep(args.seeds, FULL_BATCH_STEPS, True, [0.3, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
     if "paired" in args.parts:
-        paired_cost(args.paired_seeds)
+        paired_cost(args.paired_seeds, 0.5, True, "mlp", FULL_BATCH_STEPS)
+    if "paired-cnn" in args.parts:
+        paired_cost(args.paired_seeds, 0.5, False, "cnn", args.epochs)
     if "margins" in args.parts:
         margin_sweep(args.seeds, args.epochs, [0.5, 0.7, 0.9], [0.3, 1.0, 4.0, 32.0])
     if "overhead" in args.parts:
