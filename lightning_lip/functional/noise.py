@@ -187,6 +187,7 @@ def operator_sigma_dynamics(
     max_iter: int = 300,
     tol: float = 1e-10,
     curvature_samples: int | None = None,
+    solve_dtype: torch.dtype | None = None,
 ) -> SigmaDynamics:
     r""":func:`sigma_dynamics` for the top singular value of a linear map given as a function, not a matrix (a
     convolution's true operator), without its SVD.
@@ -207,24 +208,38 @@ def operator_sigma_dynamics(
             ``n / curvature_samples``: unbiased for exchangeable samples), solving ``1 + curvature_samples`` systems
             instead of ``1 + n``; ``None``: all. The cross terms :math:`\nabla^2\sigma_1[M, N_i]` need only the
             mean step's solve and stay exact.
+        solve_dtype: dtype of the conjugate gradients (``None``: the weight's), e.g. ``torch.float32`` in a
+            float64 problem: 2-5x faster convolutions on CPU, accurate enough for a ``tol`` of 1e-3, which the
+            second-order terms tolerate (their error is about the condition number times ``tol**2``; the cross
+            terms' about the condition number times ``tol``, relative).
     """
     n = noise_steps.shape[0]
     scale = 1.0 / ((n - 1) * (batch_size or n))
     k = n if curvature_samples is None else min(n, curvature_samples)
-    directions = torch.cat([mean_step[None], noise_steps])
-    ev = torch.func.vmap(lambda e: apply(e, v))(directions)  # A(E) v
-    etu = torch.func.vmap(lambda e: _adjoint(lambda x: apply(e, x), v, u))(directions)  # A(E)^T u
-    inner = _dot(ev, u.expand_as(ev))  # u^T A(E) v: the first-order term of each direction
+    solved = torch.cat([mean_step[None], noise_steps[:k]])
+    ev = torch.func.vmap(lambda e: apply(e, v))(solved)  # A(E) v
+    etu = torch.func.vmap(lambda e: _adjoint(lambda x: apply(e, x), v, u))(solved)  # A(E)^T u
     y = _project((ev / math.sqrt(2), etu / math.sqrt(2)), u, v)
-    solved = (y[0][: k + 1], y[1][: k + 1])
-    z = _solve_shifted(lambda x: apply(weight, x), u, sigma, v, solved, max_iter, tol)
-    quad = 2 * (_dot(solved[0], z[0]) + _dot(solved[1], z[1]))  # nabla^2 sigma[E, E] per solved direction
-    cross = 2 * (_dot(z[0][:1].expand_as(y[0][1:]), y[0][1:]) + _dot(z[1][:1].expand_as(y[1][1:]), y[1][1:]))
-    first, projections = inner[0], inner[1:] + cross  # cross: nabla^2 sigma[M, N_i] = 2 z_M^T y_i (symmetry)
+    z = _solve_shifted(apply, weight, u, sigma, v, y, max_iter, tol, solve_dtype or weight.dtype)
+    quad = 2 * (_dot(y[0], z[0]) + _dot(y[1], z[1]))  # nabla^2 sigma[E, E] per solved direction
+    # Over all n noise directions, as inner products in weight space: u^T A(N_i) v, and (z_M in x-perp, symmetry)
+    # nabla^2 sigma[M, N_i] = 2 z_M^T y_i = sqrt(2) (z_M,out^T A(N_i) v + u^T A(N_i) z_M,in).
+    grad_first = _weight_gradient(apply, weight, [(u, v)])
+    grad_cross = _weight_gradient(apply, weight, [(z[0][0], v), (u, z[1][0])])
+    first = (mean_step * grad_first).sum()
+    projections = noise_steps.flatten(1) @ (grad_first + math.sqrt(2) * grad_cross).flatten()
     second, curvature = 0.5 * quad[0], 0.5 * scale * quad[1:].sum() * (n / k)
     return SigmaDynamics(
         first, second, curvature, first + second + curvature, scale * projections.square().sum(), projections
     )
+
+
+def _weight_gradient(
+    apply: Callable[[Tensor, Tensor], Tensor], weight: Tensor, pairs: list[tuple[Tensor, Tensor]]
+) -> Tensor:
+    r"""The weight-shaped :math:`G` with :math:`\langle E, G\rangle = \sum_{(a, x)} a^\top A(E)\,x` for every
+    ``E``: the gradient in ``W`` of that sum, the same at every ``W`` (``apply`` is linear in it)."""
+    return torch.func.grad(lambda w: sum((a * apply(w, x)).sum() for a, x in pairs))(weight)
 
 
 def _adjoint(operator: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
@@ -245,22 +260,28 @@ def _project(pair: tuple[Tensor, Tensor], u: Tensor, v: Tensor) -> tuple[Tensor,
 
 
 def _solve_shifted(
-    operator: Callable[[Tensor], Tensor],
+    apply: Callable[[Tensor, Tensor], Tensor],
+    weight: Tensor,
     u: Tensor,
     sigma: Tensor,
     v: Tensor,
     rhs: tuple[Tensor, Tensor],
     max_iter: int,
     tol: float,
+    dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
-    """Solve :math:`(\sigma I - B)z = y` on :math:`x^\perp` for a batch of right-hand sides by conjugate gradients
-    (:math:`\sigma I - B` is positive definite there when :math:`\sigma_1 > \sigma_2`)."""
-    forward = torch.func.vmap(operator)
-    backward = torch.func.vmap(lambda y: _adjoint(operator, v, y))
+    r"""Solve :math:`(\sigma I - B)z = y` on :math:`x^\perp` for a batch of right-hand sides by conjugate gradients
+    in ``dtype`` (:math:`\sigma I - B` is positive definite there when :math:`\sigma_1 > \sigma_2`); ``z`` in the
+    right-hand sides' dtype."""
+    out = rhs[0].dtype
+    weight, u, sigma, v = (t.to(dtype) for t in (weight, u, sigma, v))
+    rhs = (rhs[0].to(dtype), rhs[1].to(dtype))
+    forward = torch.func.vmap(lambda x: apply(weight, x))
+    backward = torch.func.vmap(torch.func.vjp(lambda x: apply(weight, x), v)[1])
 
     def shifted(pair: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         a, b = pair
-        return _project((sigma * a - forward(b), sigma * b - backward(a)), u, v)
+        return _project((sigma * a - forward(b), sigma * b - backward(a)[0]), u, v)
 
     def dot(p: tuple[Tensor, Tensor], q: tuple[Tensor, Tensor]) -> Tensor:
         return _dot(p[0], q[0]) + _dot(p[1], q[1])
@@ -280,7 +301,7 @@ def _solve_shifted(
         beta = torch.where(rs > 0, rs_new / rs, torch.zeros_like(rs))
         p = tuple(ri + _bcast(beta, ri) * pi for ri, pi in zip(r, p))
         rs = rs_new
-    return z
+    return z[0].to(out), z[1].to(out)
 
 
 def _bcast(c: Tensor, like: Tensor) -> Tensor:
