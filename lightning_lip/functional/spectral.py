@@ -222,35 +222,22 @@ def lanczos_svd(
         A :class:`SingularTriplet`.
     """
     y, adjoint = _with_adjoint(operator, v, retain_graph=True)  # one graph serves every adjoint: A is linear
-    tiny = torch.finfo(y.dtype).tiny
-    if y.numel() < v.numel() and bool(y.norm() > 0):
-        out = y.shape
-        res = lanczos(
-            lambda x: operator(adjoint(x.view(out))).flatten(),
-            y.flatten(),
-            k=1,
-            max_iter=max_iter,
-            tol=tol,
-            residual_factor=residual_factor,
-        )
-        u = res.eigenvectors[0].view(out)
-        x = adjoint(u)
-        sigma = x.norm()
-        v = x / sigma.clamp_min(tiny)
-    else:
-        shape = v.shape
-        res = lanczos(
-            lambda x: adjoint(operator(x.view(shape))).flatten(),
-            v.flatten(),
-            k=1,
-            max_iter=max_iter,
-            tol=tol,
-            residual_factor=residual_factor,
-        )
-        v = res.eigenvectors[0].view(shape)
-        y = operator(v)
-        sigma = y.norm()
-        u = y / sigma.clamp_min(tiny)
+    on_output = y.numel() < v.numel() and bool(y.norm() > 0)
+    start = y if on_output else v
+    first, second = (adjoint, operator) if on_output else (operator, adjoint)  # Gram = second(first(.))
+    res = lanczos(
+        lambda x: second(first(x.view(start.shape))).flatten(),
+        start.flatten(),
+        k=1,
+        max_iter=max_iter,
+        tol=tol,
+        residual_factor=residual_factor,
+    )
+    top = res.eigenvectors[0].view(start.shape)  # u on the output side, v on the input side
+    other = first(top)
+    sigma = other.norm()
+    other = other / sigma.clamp_min(torch.finfo(other.dtype).tiny)
+    u, v = (top, other) if on_output else (other, top)
     return SingularTriplet(sigma=sigma, u=u, v=v, n_iter=res.n_matvec, sigma_prev=sigma)
 
 
