@@ -197,6 +197,12 @@ class LayerShapes:
             return self.shapes[name][0]
         return (layer.in_features,) if isinstance(layer, nn.Linear) else None
 
+    def output_shape(self, name: str, layer: nn.Module) -> tuple[int, ...] | None:
+        """One sample's output shape; ``None`` for a convolution that has not run yet."""
+        if name in self.shapes:
+            return self.shapes[name][1]
+        return (layer.out_features,) if isinstance(layer, nn.Linear) else None
+
     def operator(self, name: str, layer: nn.Module, weight: Tensor | None = None) -> Operator | None:
         """The layer's true operator (with ``weight`` instead of its own if given); ``None`` before a convolution's
         first forward pass."""

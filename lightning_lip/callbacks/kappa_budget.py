@@ -35,6 +35,7 @@ from lightning_lip.functional.spectral import (
     Operator,
     SingularTriplet,
     absorb_fixed,
+    alternating_power_iteration,
     is_supported,
     lanczos_svd,
     power_iteration,
@@ -56,18 +57,19 @@ class KappaBudgetProjection(Callback):
     optimizer step.
 
     After every real optimizer step (not on gradient-accumulation micro-batches, not when AMP skipped the step) the
-    callback estimates each layer's operator norm :math:`\sigma_l` by power iteration warm-started from the previous
-    step's singular vector, asks :meth:`allocate` for budgets :math:`\kappa_l` with
-    :math:`\prod_l \kappa_l \le L_{max}`, and rescales :math:`W_l \leftarrow W_l \min(1, \kappa_l/\sigma_l)`. Layers
-    under budget stay bit-identical. For convolutions the norm is that of the true operator on the layer's input
-    shape as recorded in the last forward pass (stride, padding, padding mode, dilation and groups included), not
-    that of the reshaped kernel. Every ``audit_every_n_steps`` steps, and whenever a layer starts cold, the norm is
-    measured tightly by Lanczos instead. Layers that cannot be certified (attention, normalization, embeddings, ...)
-    are listed once in a warning: the logged bound assumes them 1-Lipschitz. A parametrized weight (weight
-    normalization) is rescaled through its parametrization's ``right_inverse``. Layers that cannot be rescaled
-    (frozen, or a parametrization that does not take a rescaled weight, such as ``spectral_norm``'s) keep their
-    norm, warned once; the factor by which they exceed their budgets is taken from the other layers' budgets
-    (:func:`~lightning_lip.functional.spectral.absorb_fixed`), so the product still meets ``max_lipschitz``.
+    callback estimates each layer's operator norm :math:`\sigma_l` by one step of power iteration continued from the
+    previous step's singular vectors (the operator and its adjoint in turn: each weight is read once), asks
+    :meth:`allocate` for budgets :math:`\kappa_l` with :math:`\prod_l \kappa_l \le L_{max}`, and rescales :math:`W_l
+    \leftarrow W_l \min(1, \kappa_l/\sigma_l)`. Layers under budget stay bit-identical. For convolutions the norm is
+    that of the true operator on the layer's input shape as recorded in the last forward pass (stride, padding, padding
+    mode, dilation and groups included), not that of the reshaped kernel. Every ``audit_every_n_steps`` steps, and
+    whenever a layer starts cold, the norm is measured tightly by Lanczos instead. Layers that cannot be certified
+    (attention, normalization, embeddings, ...) are listed once in a warning: the logged bound assumes them 1-Lipschitz.
+    A parametrized weight (weight normalization) is rescaled through its parametrization's ``right_inverse``. Layers
+    that cannot be rescaled (frozen, or a parametrization that does not take a rescaled weight, such as
+    ``spectral_norm``'s) keep their norm, warned once; the factor by which they exceed their budgets is taken from the
+    other layers' budgets (:func:`~lightning_lip.functional.spectral.absorb_fixed`), so the product still meets
+    ``max_lipschitz``.
 
     Logged (``pl_module.log``, per step): ``lip/kappa/bound``, ``lip/kappa/log10_bound``, ``lip/kappa/n_projected``,
     ``lip/kappa/n_skipped``, ``lip/kappa/seconds``, per layer ``lip/kappa/sigma/<layer>`` and
@@ -83,10 +85,14 @@ class KappaBudgetProjection(Callback):
         kappas: ``{layer name: kappa}`` for ``policy="fixed"``, covering every projected layer, product
             :math:`\le L_{max}`.
         layers: qualified module names to project; default every supported layer.
-        n_power_iterations: power iterations per step, ``>= 1``.
-        tol: convergence check of each step's estimate: when the last power iteration's two estimates
-            :math:`\|Av\| \le \|A^\top u\|` differ by more than ``tol`` relative (the weights moved the top
-            singular direction), that layer is re-measured by warm-started Lanczos.
+        n_power_iterations: power-iteration steps per optimizer step, ``>= 1``, each one product with the layer's
+            operator :math:`A` or its adjoint, in turn (two make one iteration on :math:`A^\top A`; see
+            :func:`~lightning_lip.functional.spectral.alternating_power_iteration`).
+        tol: convergence check of each step's estimate: when the new singular vector and the one it replaces have
+            a cosine below :math:`1 - ` ``tol`` (on fixed weights, the relative gap between the last two estimates;
+            the step's move of the weights cancels from it to first order), or when :math:`\sigma` moved by more
+            than :math:`\sqrt{tol}` relative since the last step, that layer is re-measured by warm-started
+            Lanczos.
         audit_every_n_steps: run a tight Lanczos measurement every this many steps; ``0`` disables audits.
         audit_tol: relative tolerance of the audit on :math:`\sigma^2` (the audited :math:`\sigma` is within
             about half of it).
@@ -150,6 +156,7 @@ class KappaBudgetProjection(Callback):
         self._layers: dict[str, nn.Module] = {}
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}
+        self._left_vectors: dict[str, Tensor] = {}
         self._sigmas: dict[str, float] = {}
         self._current_kappas: dict[str, float] = {}
         self._n_skipped = 0
@@ -264,10 +271,11 @@ class KappaBudgetProjection(Callback):
         if not operators:
             return
         triplets = {name: self._measure(name, op, audit) for name, op in operators.items()}
-        estimates = torch.stack([torch.stack([t.sigma, t.sigma_prev]).double() for t in triplets.values()]).cpu()
+        pairs = [estimate for t in triplets.values() for estimate in (t.sigma, t.sigma_prev)]
+        estimates = torch.stack(pairs).double().cpu().view(-1, 2)
         refined = False
         for name, (sigma, sigma_prev) in zip(list(triplets), estimates.tolist()):
-            if math.isfinite(sigma) and sigma - sigma_prev > self.tol * sigma:  # not converged: refine warm
+            if math.isfinite(sigma) and self._needs_refinement(name, sigma, sigma_prev):
                 triplets[name] = self._measure(name, operators[name], audit, refine=triplets[name].v)
                 refined = True
         measured = torch.stack([t.sigma.double() for t in triplets.values()]).cpu() if refined else estimates[:, 0]
@@ -277,7 +285,7 @@ class KappaBudgetProjection(Callback):
         for (name, triplet), sigma in zip(triplets.items(), measured):
             if math.isfinite(sigma):
                 sigmas[name] = sigma
-                self._vectors[name] = triplet.v
+                self._left_vectors[name], self._vectors[name] = triplet.u, triplet.v
             else:
                 self._n_skipped += 1
                 self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
@@ -298,6 +306,15 @@ class KappaBudgetProjection(Callback):
         self.n_projections += 1
         self._publish(trainer, triplets, step)
         self._queue_logs(n_projected, time.perf_counter() - start, audit)
+
+    def _needs_refinement(self, name: str, sigma: float, sigma_prev: float) -> bool:
+        """Whether a layer's estimate is re-measured by warm Lanczos: not converged (:math:`\sigma - \sigma_{prev} >`
+        ``tol`` :math:`\sigma`); no direction (:math:`\sigma = 0`: a zero layer, or a zero singular vector from one);
+        or a large step, :math:`\sigma` moved by more than :math:`\sqrt{tol}` relative since the last step: one
+        product's error is second order in the move, so it can exceed ``tol`` there, and the convergence indicator,
+        which compares with the previous step, cannot tell (a layer growing from zero)."""
+        last = self._sigmas.get(name, sigma)
+        return sigma == 0 or sigma - sigma_prev > self.tol * sigma or abs(sigma - last) > math.sqrt(self.tol) * sigma
 
     def _is_fixed(self, name: str) -> bool:
         """Whether layer ``name`` cannot be rescaled: frozen, or its weight's parametrization does not take a
@@ -335,11 +352,19 @@ class KappaBudgetProjection(Callback):
         cold = v is None or tuple(v.shape) != tuple(shape)
         with torch.autocast(weight.device.type, enabled=False):
             if not (cold or audit or refine is not None):
-                return power_iteration(operator, v.to(weight.device), self.n_power_iterations)
+                return self._track(name, operator, v.to(weight.device))
             noise = random_start(shape, weight, self._generator)
             start = noise if cold else v.to(weight.device) + noise
             tol = self.tol if refine is not None else self.audit_tol
             return lanczos_svd(operator, start, self.audit_max_iterations, tol)
+
+    def _track(self, name: str, operator: Operator, v: Tensor) -> SingularTriplet:
+        """This step's products, continuing the alternation of forward and adjoint steps from the kept pair."""
+        u = self._left_vectors.get(name)
+        if u is None or tuple(u.shape) != self._shapes.output_shape(name, self._layers[name]):
+            return power_iteration(operator, v)  # no left vector: a checkpoint of 0.1
+        adjoint_first = self.n_projections * self.n_power_iterations % 2 == 1
+        return alternating_power_iteration(operator, u.to(v.device), v, self.n_power_iterations, adjoint_first)
 
     def _checked_allocation(self, sigmas: dict[str, float]) -> dict[str, float]:
         kappas = self.allocate(sigmas)
@@ -416,6 +441,7 @@ class KappaBudgetProjection(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "vectors": {name: v.detach().cpu() for name, v in self._vectors.items()},
+            "left_vectors": {name: u.detach().cpu() for name, u in self._left_vectors.items()},
             "sigmas": dict(self._sigmas),
             "kappas": dict(self._current_kappas),
             "n_projections": self.n_projections,
@@ -427,6 +453,7 @@ class KappaBudgetProjection(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._vectors = dict(state_dict["vectors"])
+        self._left_vectors = dict(state_dict.get("left_vectors", {}))  # absent from checkpoints of 0.1
         self._sigmas = dict(state_dict["sigmas"])
         self._current_kappas = dict(state_dict["kappas"])
         self.n_projections = state_dict["n_projections"]

@@ -16,6 +16,7 @@ from lightning_lip.functional.noise import (
 from lightning_lip.functional.per_sample import per_sample_grads
 from lightning_lip.functional.spectral import (
     SingularTriplet,
+    alternating_power_iteration,
     lanczos_svd,
     layer_operator,
     operator_norm,
@@ -33,6 +34,7 @@ __all__ = [
     "SigmaDynamics",
     "SingularTriplet",
     "SpectralDensity",
+    "alternating_power_iteration",
     "lanczos",
     "lanczos_svd",
     "layer_operator",

@@ -32,14 +32,16 @@ Operator = Callable[[Tensor], Tensor]
 
 @dataclass
 class SingularTriplet:
-    r"""Top singular triplet of a linear operator, from :func:`power_iteration` or :func:`lanczos_svd`.
+    r"""Top singular triplet of a linear operator, from :func:`power_iteration`, :func:`alternating_power_iteration`
+    or :func:`lanczos_svd`.
 
     Attributes:
         sigma: estimate of the top singular value, a 0-dim tensor; a lower bound that increases with iterations.
         u: unit top left singular vector, shape of the operator's output.
         v: unit top right singular vector, shape of the operator's input.
-        n_iter: products with :math:`A^\top A` (each one forward and one adjoint application).
-        sigma_prev: the previous, smaller estimate :math:`\|Av\|` of the last iteration;
+        n_iter: products with :math:`A^\top A` (each one forward and one adjoint application); for
+            :func:`alternating_power_iteration`, single products.
+        sigma_prev: the previous, smaller estimate (:math:`\|Av\|` of the last iteration);
             :math:`(\sigma - \sigma_{prev})/\sigma` is a free convergence indicator (0 at a singular vector).
     """
 
@@ -201,6 +203,56 @@ def power_iteration(operator: Operator, v: Tensor, n_iter: int = 1, tol: float =
     return SingularTriplet(sigma=sigma, u=u, v=v, n_iter=i, sigma_prev=y_norm)
 
 
+def alternating_power_iteration(
+    operator: Operator, u: Tensor, v: Tensor, n_steps: int = 1, adjoint_first: bool = False
+) -> SingularTriplet:
+    r"""Power iteration one product at a time, continued from the unit pair ``(u, v)`` of an earlier call on a nearby
+    operator: the forward step :math:`u \leftarrow Av/\|Av\|`, the adjoint step :math:`v \leftarrow A^\top u/\|A^\top
+    u\|`, in turn. Tracking a slowly moving operator this way reads it once per step where :func:`power_iteration`
+    reads it twice.
+
+    Each step's norm is the estimate :math:`\sigma \le \sigma_1`. The returned ``sigma_prev`` is
+    :math:`\sigma\langle x_{new}, x_{old}\rangle` for the vector the last step replaced: on a fixed operator exactly the
+    previous step's estimate (so :math:`(\sigma - \sigma_{prev})/\sigma` is the convergence indicator of
+    :func:`power_iteration`), and a small change of the operator since ``(u, v)`` cancels from it to first order.
+    Where the adjoint comes from autograd its graph needs the forward product, so an adjoint step first takes the
+    forward step too.
+
+    Args:
+        operator: linear function; its input has the shape of ``v``, its output that of ``u``.
+        u: unit left vector, with ``v``'s image under the same or a nearby operator.
+        v: unit right vector.
+        n_steps: products, ``>= 1``.
+        adjoint_first: start with the adjoint step (the step after a forward one).
+
+    Returns:
+        A :class:`SingularTriplet` with ``n_iter`` the number of steps.
+    """
+    if n_steps < 1:
+        raise ValueError(f"`n_steps` must be >= 1, got {n_steps}.")
+    tiny = torch.finfo(v.dtype).tiny
+    norm = torch.linalg.vector_norm
+    adjoint = adjoint_first
+    for _ in range(n_steps):
+        if not adjoint:
+            y = operator(v)
+            sigma = norm(y)
+            new = y / sigma.clamp_min(tiny)
+            cosine, u = (new * u).sum(), new
+        else:
+            if isinstance(operator, _MatrixOperator):
+                x = operator.adjoint(u)
+            else:
+                y, pullback = _with_adjoint(operator, v)
+                u = y / norm(y).clamp_min(tiny)
+                x = pullback(u)
+            sigma = norm(x)
+            new = x / sigma.clamp_min(tiny)
+            cosine, v = (new * v).sum(), new
+        adjoint = not adjoint
+    return SingularTriplet(sigma=sigma, u=u, v=v, n_iter=n_steps, sigma_prev=sigma * cosine)
+
+
 def lanczos_svd(
     operator: Operator, v: Tensor, max_iter: int = 100, tol: float = 1e-6, residual_factor: float = 0.1
 ) -> SingularTriplet:
@@ -337,9 +389,13 @@ def uniform_budget(names: Sequence[str], max_lipschitz: float) -> dict[str, floa
 
 def proportional_budget(sigmas: Mapping[str, float], max_lipschitz: float) -> dict[str, float]:
     r"""Budget that keeps every :math:`\sigma_l` while :math:`\prod_l \sigma_l \le L_{max}`, else shrinks every
-    :math:`\log\sigma_l` by the same amount :math:`c = (\sum_l \log\sigma_l - \log L_{max})/L`."""
-    if not sigmas:
-        return {}
-    log_excess = sum(math.log(max(s, 1e-300)) for s in sigmas.values()) - math.log(max_lipschitz)
-    shrink = math.exp(-max(log_excess, 0.0) / len(sigmas))
-    return {name: s * shrink for name, s in sigmas.items()}
+    :math:`\log\sigma_l` by the same amount :math:`c = (\sum_l \log\sigma_l - \log L_{max})/L`. Layers with
+    :math:`\sigma_l = 0` (zero-initialized, not yet trained) are left out of that product and share what it leaves
+    of :math:`L_{max}` in equal log shares, so that every budget is positive and :math:`\prod_l\kappa_l = L_{max}`."""
+    positive = {name: s for name, s in sigmas.items() if s > 0}
+    if not positive:
+        return uniform_budget(list(sigmas), max_lipschitz)
+    log_excess = sum(math.log(s) for s in positive.values()) - math.log(max_lipschitz)
+    shrink = math.exp(-max(log_excess, 0.0) / len(positive))
+    room = math.exp(-min(log_excess, 0.0) / max(len(sigmas) - len(positive), 1))
+    return {name: positive[name] * shrink if name in positive else room for name in sigmas}

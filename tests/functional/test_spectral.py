@@ -8,6 +8,7 @@ from torch import nn
 from lightning_lip.functional.spectral import (
     _with_adjoint,
     absorb_fixed,
+    alternating_power_iteration,
     lanczos_svd,
     layer_operator,
     operator_norm,
@@ -95,6 +96,57 @@ def test_one_warm_iteration_tracks_a_small_step(make, shape, move):
         assert sigma == pytest.approx(ref, rel=1e-6 if move == 1e-3 else 1e-4)
 
 
+@pytest.mark.parametrize(("make", "shape"), CASES[:1] + CASES[4:6] + CASES[12:13], ids=["lin", "c2", "c2g", "ct2"])
+@pytest.mark.parametrize("move", [1e-3, 1e-2])
+@pytest.mark.parametrize("adjoint_first", [False, True], ids=["forward", "adjoint"])
+def test_one_alternating_step_tracks_a_small_step(make, shape, move, adjoint_first):
+    """The per-step tolerance of the κ projection: one product from the converged pair (u, v) after a step that
+    moves W by ``move`` (relative, Frobenius) is a lower bound within 3e-6 (move 1e-3) / 3e-4 (move 1e-2) of the
+    dense norm, about twice the error of a full iteration (the operator is read once instead of twice; the adjoint
+    step of a convolution is a full iteration). The convergence indicator (σ - σ_prev)/σ is second order in the
+    move: below 1e-6 (1e-4) where σ itself moves by ~3e-4 (~3e-3), because the move cancels from it to first order.
+    """
+    layer = make().double()
+    start = lanczos_svd(layer_operator(layer, shape), random_start(shape, layer.weight), tol=1e-10)
+    for _ in range(10):
+        moved = copy.deepcopy(layer)
+        with torch.no_grad():
+            noise = torch.randn_like(layer.weight)
+            moved.weight.add_(move * layer.weight.norm() * noise / noise.norm())
+        t = alternating_power_iteration(layer_operator(moved, shape), start.u, start.v, 1, adjoint_first)
+        ref = dense_operator_norm(moved, shape)
+        assert t.sigma.item() <= ref * (1 + 1e-12)
+        assert t.sigma.item() == pytest.approx(ref, rel=3e-6 if move == 1e-3 else 3e-4)
+        assert (t.sigma - t.sigma_prev).item() / t.sigma.item() < (1e-6 if move == 1e-3 else 1e-4)
+
+
+def test_alternating_power_iteration_on_a_fixed_matrix():
+    """On a fixed matrix each product's estimate is a monotone lower bound converging to the dense norm,
+    ``sigma_prev`` is exactly the previous product's estimate, and an even number of products from (u, v) equals
+    :func:`power_iteration` from v, ``sigma_prev`` included."""
+    A = torch.randn(30, 20, dtype=torch.float64)
+    ref = torch.linalg.matrix_norm(A, 2).item()
+    layer = nn.Linear(20, 30, bias=False).double().requires_grad_(False)
+    layer.weight.copy_(A)
+    operator = layer_operator(layer)  # the explicit adjoint
+    first = power_iteration(operator, torch.randn(20, dtype=torch.float64))
+    t, sigmas = first, [first.sigma.item()]
+    for i in range(40):
+        t = alternating_power_iteration(operator, t.u, t.v, adjoint_first=i % 2 == 0)
+        assert t.sigma_prev.item() == pytest.approx(sigmas[-1], rel=1e-13)
+        sigmas.append(t.sigma.item())
+    assert all(s <= ref * (1 + 1e-14) for s in sigmas)
+    assert all(b >= a * (1 - 1e-14) for a, b in zip(sigmas, sigmas[1:]))
+    assert sigmas[-1] == pytest.approx(ref, rel=1e-6)
+    paired = alternating_power_iteration(operator, first.u, first.v, n_steps=6)
+    full = power_iteration(operator, first.v, n_iter=3)
+    torch.testing.assert_close(paired.v, full.v, rtol=1e-12, atol=1e-14)
+    assert paired.sigma.item() == pytest.approx(full.sigma.item(), rel=1e-14)
+    assert paired.sigma_prev.item() == pytest.approx(full.sigma_prev.item(), rel=1e-12)
+    with pytest.raises(ValueError, match="n_steps"):
+        alternating_power_iteration(operator, first.u, first.v, n_steps=0)
+
+
 def test_power_iteration_is_monotone_lower_bound():
     A = torch.randn(30, 20, dtype=torch.float64)
     ref = torch.linalg.matrix_norm(A, 2).item()
@@ -163,6 +215,19 @@ def test_proportional_budget_under_and_over():
     assert math.prod(kappas.values()) == pytest.approx(2.0, rel=1e-12)
     ratios = [kappas[k] / over[k] for k in over]
     assert max(ratios) == pytest.approx(min(ratios), rel=1e-12)  # same shrink of every log sigma
+
+
+@pytest.mark.parametrize("max_lipschitz", [0.5, 100.0], ids=["over", "under"])
+def test_proportional_budget_gives_zero_layers_the_room_left(max_lipschitz):
+    """A zero-norm layer (zero-initialized) gets a positive budget: the room the others leave under ``L_max``."""
+    sigmas = {"a": 4.0, "zero1": 0.0, "b": 0.5, "zero2": 0.0}
+    kappas = proportional_budget(sigmas, max_lipschitz)
+    assert list(kappas) == list(sigmas)
+    assert math.prod(kappas.values()) == pytest.approx(max_lipschitz, rel=1e-12)
+    assert kappas["zero1"] == kappas["zero2"] >= 1.0
+    assert kappas["a"] / kappas["b"] == pytest.approx(8.0, rel=1e-12)  # the others as without the zero layers
+    assert kappas["a"] == pytest.approx(proportional_budget({"a": 4.0, "b": 0.5}, max_lipschitz)["a"], rel=1e-12)
+    assert proportional_budget({"a": 0.0, "b": 0.0}, 4.0) == {"a": 2.0, "b": 2.0}
 
 
 def test_absorb_fixed_gives_the_fixed_layers_excess_to_the_others():
