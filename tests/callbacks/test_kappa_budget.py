@@ -203,6 +203,25 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_resume_from_a_state_without_left_vectors(tmp_path):
+    """A checkpoint written before the left singular vectors were kept: the first step after the resume takes a
+    full power iteration from the right vectors, then the alternation continues, within the budget."""
+    data = random_data(64, (1, 8, 8))
+    model = Classifier(cnn(), lr=0.05)
+    first = KappaBudgetProjection(max_lipschitz=0.8, audit_every_n_steps=0)
+    Trainer(callbacks=[first], **trainer_kwargs(tmp_path / "a", max_epochs=1)).fit(model, loader(data))
+    state = first.state_dict()
+    del state["left_vectors"]
+    second = KappaBudgetProjection(max_lipschitz=0.8, audit_every_n_steps=0)
+    second.load_state_dict(state)
+    dense = DenseNorms(second, {"net.0": (1, 8, 8), "net.2": (4, 8, 8)})
+    Trainer(callbacks=[second, dense], **trainer_kwargs(tmp_path / "b", max_epochs=1)).fit(model, loader(data))
+    assert second.n_projections == 8 and set(second._left_vectors) == set(second._vectors)
+    for norms, kappas, _ in dense.records:
+        for name, norm in norms.items():
+            assert norm <= kappas[name] * (1 + 1e-3)
+
+
 def test_state_key_distinguishes_configurations():
     a = KappaBudgetProjection(max_lipschitz=1.0)
     assert a.state_key != KappaBudgetProjection(max_lipschitz=2.0).state_key
