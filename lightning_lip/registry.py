@@ -61,9 +61,10 @@ class LipRegistry:
     @classmethod
     def of(cls, trainer: Any) -> LipRegistry:
         """The registry of ``trainer``, created on first use."""
-        if trainer not in cls._by_trainer:
-            cls._by_trainer[trainer] = cls()
-        return cls._by_trainer[trainer]
+        registry = cls._by_trainer.get(trainer)
+        if registry is None:
+            registry = cls._by_trainer[trainer] = cls()
+        return registry
 
     def publish(self, key: str, value: Any, step: int) -> None:
         """Store ``value`` under ``key`` as computed at ``step``."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from typing import Any
 
@@ -154,6 +155,7 @@ class KappaBudgetProjection(Callback):
 
         self.n_projections = 0
         self._layers: dict[str, nn.Module] = {}
+        self._weight_parameters: dict[str, list[Tensor]] = {}
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}
         self._left_vectors: dict[str, Tensor] = {}
@@ -206,6 +208,7 @@ class KappaBudgetProjection(Callback):
         if not self._layers:
             self._warn("no_layers", f"{type(self).__name__} found no Linear/ConvNd/ConvTransposeNd layer: it is inert.")
         self._shapes.attach(self._layers)
+        self._weight_parameters = {name: _weight_parameters(layer) for name, layer in self._layers.items()}
 
     def _find_layers(self, pl_module: LightningModule) -> tuple[dict[str, nn.Module], list[str]]:
         """Covered layers (tied weights once) and descriptions of those left out."""
@@ -270,17 +273,17 @@ class KappaBudgetProjection(Callback):
         operators = {name: op for name, layer in self._layers.items() if (op := self._operator(name, layer))}
         if not operators:
             return
-        triplets = {name: self._measure(name, op, audit) for name, op in operators.items()}
-        pairs = [estimate for t in triplets.values() for estimate in (t.sigma, t.sigma_prev)]
-        estimates = torch.stack(pairs).double().cpu().view(-1, 2)
-        refined = False
-        for name, (sigma, sigma_prev) in zip(list(triplets), estimates.tolist()):
-            if math.isfinite(sigma) and self._needs_refinement(name, sigma, sigma_prev):
-                triplets[name] = self._measure(name, operators[name], audit, refine=triplets[name].v)
-                refined = True
-        measured = torch.stack([t.sigma.double() for t in triplets.values()]).cpu() if refined else estimates[:, 0]
+        with _autocast_off(trainer.strategy.root_device.type):
+            triplets = {name: self._measure(name, op, audit) for name, op in operators.items()}
+            estimates = torch.stack([e for t in triplets.values() for e in (t.sigma, t.sigma_prev)]).tolist()
+            measured = estimates[::2]
+            for i, name in enumerate(triplets):
+                sigma, sigma_prev = estimates[2 * i], estimates[2 * i + 1]
+                if math.isfinite(sigma) and self._needs_refinement(name, sigma, sigma_prev):
+                    triplets[name] = self._measure(name, operators[name], audit, refine=triplets[name].v)
+                    measured[i] = triplets[name].sigma.item()
         # Rank 0 decides: the scales are identical everywhere even where kernels are not bitwise deterministic.
-        measured = trainer.strategy.broadcast(measured, src=0).tolist()
+        measured = trainer.strategy.broadcast(measured, src=0)
         sigmas = {}
         for (name, triplet), sigma in zip(triplets.items(), measured):
             if math.isfinite(sigma):
@@ -319,7 +322,7 @@ class KappaBudgetProjection(Callback):
     def _is_fixed(self, name: str) -> bool:
         """Whether layer ``name`` cannot be rescaled: frozen, or its weight's parametrization does not take a
         rescaled weight back (found at an earlier step)."""
-        return name in self._unscalable or not any(p.requires_grad for p in _weight_parameters(self._layers[name]))
+        return name in self._unscalable or not any(p.requires_grad for p in self._weight_parameters[name])
 
     def _warn_fixed(self, name: str) -> None:
         reason = (
@@ -350,13 +353,12 @@ class KappaBudgetProjection(Callback):
         shape = self._shapes.input_shape(name, self._layers[name])
         v = self._vectors.get(name) if refine is None else refine
         cold = v is None or tuple(v.shape) != tuple(shape)
-        with torch.autocast(weight.device.type, enabled=False):
-            if not (cold or audit or refine is not None):
-                return self._track(name, operator, v.to(weight.device))
-            noise = random_start(shape, weight, self._generator)
-            start = noise if cold else v.to(weight.device) + noise
-            tol = self.tol if refine is not None else self.audit_tol
-            return lanczos_svd(operator, start, self.audit_max_iterations, tol)
+        if not (cold or audit or refine is not None):
+            return self._track(name, operator, v.to(weight.device))
+        noise = random_start(shape, weight, self._generator)
+        start = noise if cold else v.to(weight.device) + noise
+        tol = self.tol if refine is not None else self.audit_tol
+        return lanczos_svd(operator, start, self.audit_max_iterations, tol)
 
     def _track(self, name: str, operator: Operator, v: Tensor) -> SingularTriplet:
         """This step's products, continuing the alternation of forward and adjoint steps from the kept pair."""
@@ -460,6 +462,12 @@ class KappaBudgetProjection(Callback):
         self._n_skipped = state_dict["n_skipped"]
         self._unscalable = set(state_dict.get("unscalable", ()))  # absent from checkpoints of 0.1
         self._generator.set_state(state_dict["generator"])
+
+
+def _autocast_off(device_type: str) -> AbstractContextManager[Any]:
+    """Autocast off on ``device_type`` (an optimizer stepped inside an autocast region, as manual optimization can);
+    a no-op, much cheaper to enter, when it is off already."""
+    return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
 
 
 def _weight_parameters(layer: nn.Module) -> list[Tensor]:

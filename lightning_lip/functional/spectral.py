@@ -212,7 +212,8 @@ def alternating_power_iteration(
     reads it twice.
 
     Each step's norm is the estimate :math:`\sigma \le \sigma_1`. The returned ``sigma_prev`` is
-    :math:`\sigma\langle x_{new}, x_{old}\rangle` for the vector the last step replaced: on a fixed operator exactly the
+    :math:`\langle Av, u_{old}\rangle` (forward step) or :math:`\langle A^\top u, v_{old}\rangle` (adjoint step), i.e.
+    :math:`\sigma` times the cosine between the new vector and the one it replaces: on a fixed operator exactly the
     previous step's estimate (so :math:`(\sigma - \sigma_{prev})/\sigma` is the convergence indicator of
     :func:`power_iteration`), and a small change of the operator since ``(u, v)`` cancels from it to first order.
     Where the adjoint comes from autograd its graph needs the forward product, so an adjoint step first takes the
@@ -236,9 +237,8 @@ def alternating_power_iteration(
     for _ in range(n_steps):
         if not adjoint:
             y = operator(v)
-            sigma = norm(y)
-            new = y / sigma.clamp_min(tiny)
-            cosine, u = (new * u).sum(), new
+            sigma, sigma_prev = norm(y), (y * u).sum()
+            u = y / sigma.clamp_min(tiny)
         else:
             if isinstance(operator, _MatrixOperator):
                 x = operator.adjoint(u)
@@ -246,11 +246,10 @@ def alternating_power_iteration(
                 y, pullback = _with_adjoint(operator, v)
                 u = y / norm(y).clamp_min(tiny)
                 x = pullback(u)
-            sigma = norm(x)
-            new = x / sigma.clamp_min(tiny)
-            cosine, v = (new * v).sum(), new
+            sigma, sigma_prev = norm(x), (x * v).sum()
+            v = x / sigma.clamp_min(tiny)
         adjoint = not adjoint
-    return SingularTriplet(sigma=sigma, u=u, v=v, n_iter=n_steps, sigma_prev=sigma * cosine)
+    return SingularTriplet(sigma=sigma, u=u, v=v, n_iter=n_steps, sigma_prev=sigma_prev)
 
 
 def lanczos_svd(

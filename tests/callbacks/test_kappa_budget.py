@@ -133,6 +133,36 @@ def test_skipped_optimizer_steps_are_not_projected(tmp_path):
     assert proj.n_projections == 3
 
 
+class StepsInsideAutocast(Classifier):
+    """Manual optimization under ``precision="bf16-mixed"``: the whole ``training_step``, optimizer step and its
+    post-hook included, runs inside Lightning's bf16 autocast region."""
+
+    def __init__(self):
+        super().__init__(mlp(), lr=0.5)
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        assert torch.is_autocast_enabled("cpu")
+        opt = self.optimizers()
+        loss = torch.nn.functional.cross_entropy(self(batch[0]).float(), batch[1])
+        opt.zero_grad()
+        self.manual_backward(loss)
+        opt.step()
+
+
+def test_projection_inside_an_autocast_region_measures_in_float32(tmp_path):
+    """The projection turns autocast off: in bf16 (8 bits of mantissa) its products would misjudge the norms by
+    ~1e-2 relative and the budget would not hold to 1e-3."""
+    proj = KappaBudgetProjection(max_lipschitz=0.5, audit_every_n_steps=0)
+    dense = DenseNorms(proj, {})
+    trainer = Trainer(callbacks=[proj, dense], **trainer_kwargs(tmp_path, max_epochs=2, precision="bf16-mixed"))
+    trainer.fit(StepsInsideAutocast(), loader(random_data(64)))
+    assert proj.n_projections == len(dense.records) == 8
+    for norms, kappas, _ in dense.records:
+        for name, norm in norms.items():
+            assert norm <= kappas[name] * (1 + 1e-3)
+
+
 def test_publishes_registry_entries(tmp_path):
     proj = KappaBudgetProjection(max_lipschitz=0.5)
     trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path))
