@@ -120,7 +120,7 @@ class KappaBudgetProjection(Callback):
         layers: list[str] | None = None,
         n_power_iterations: int = 1,
         tol: float = 1e-4,
-        audit_every_n_steps: int = 100,
+        audit_every_n_steps: int = 1000,
         audit_tol: float = 1e-5,
         audit_max_iterations: int = 100,
         log_per_layer: bool = True,
