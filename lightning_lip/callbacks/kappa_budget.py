@@ -155,7 +155,7 @@ class KappaBudgetProjection(Callback):
 
         self.n_projections = 0
         self._layers: dict[str, nn.Module] = {}
-        self._weight_parameters: dict[str, list[Tensor]] = {}
+        self._weight_params: dict[str, list[Tensor]] = {}
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}
         self._left_vectors: dict[str, Tensor] = {}
@@ -208,7 +208,7 @@ class KappaBudgetProjection(Callback):
         if not self._layers:
             self._warn("no_layers", f"{type(self).__name__} found no Linear/ConvNd/ConvTransposeNd layer: it is inert.")
         self._shapes.attach(self._layers)
-        self._weight_parameters = {name: _weight_parameters(layer) for name, layer in self._layers.items()}
+        self._weight_params = {name: _weight_parameters(layer) for name, layer in self._layers.items()}
 
     def _find_layers(self, pl_module: LightningModule) -> tuple[dict[str, nn.Module], list[str]]:
         """Covered layers (tied weights once) and descriptions of those left out."""
@@ -322,7 +322,7 @@ class KappaBudgetProjection(Callback):
     def _is_fixed(self, name: str) -> bool:
         """Whether layer ``name`` cannot be rescaled: frozen, or its weight's parametrization does not take a
         rescaled weight back (found at an earlier step)."""
-        return name in self._unscalable or not any(p.requires_grad for p in self._weight_parameters[name])
+        return name in self._unscalable or not any(p.requires_grad for p in self._weight_params[name])
 
     def _warn_fixed(self, name: str) -> None:
         reason = (
