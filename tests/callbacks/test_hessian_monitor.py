@@ -237,10 +237,13 @@ def test_bad_arguments(kwargs, match):
 
 
 @pytest.mark.slow
-def test_ddp_equals_single_process_on_the_global_probe_set(tmp_path):
+@pytest.mark.parametrize("shards", ["even", "uneven"])
+def test_ddp_equals_single_process_on_the_global_probe_set(tmp_path, shards):
+    """Uneven shards (16 and 8 samples): the products are averaged over samples, not over ranks."""
     from tests.ddp import run_ddp
 
-    rank0, rank1 = run_ddp("ddp_hessian.py", tmp_path)
+    rank0, rank1 = run_ddp("ddp_hessian.py", tmp_path, shards)
+    assert len(rank0["y"]) == 16 and len(rank1["y"]) == (8 if shards == "uneven" else 16)
     assert rank0["lambda_max"] == rank1["lambda_max"] and rank0["lambda_min"] == rank1["lambda_min"]
     for key in rank0["params"]:
         assert torch.equal(rank0["params"][key], rank1["params"][key])

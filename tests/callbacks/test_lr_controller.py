@@ -90,15 +90,16 @@ def test_scheduler_twin_sees_the_schedule_and_the_optimizer_half_of_it(tmp_path,
 
 
 def test_strict_cuts_to_the_margin_and_recovers_slowly_with_hysteresis(tmp_path):
-    lam = lambda step: 40.0 if step < 6 else 1.0  # noqa: E731  lr 0.1: ratio 2.0, then 0.05
+    # lr 0.1: unthrottled ratio 2.0, then 1.7 (throttled 0.765: under the margin 0.9, over 0.8 of it), then 0.05
+    lam = lambda step: 40.0 if step < 6 else 34.0 if step < 10 else 1.0  # noqa: E731
     controller = CurvatureLRController(mode="strict", margin=0.9, recovery=1.5, hysteresis=0.8)
     model = Classifier(mlp(), lr=0.1)
     model.configure_optimizers = lambda: RecordingSGD(model.parameters(), lr=0.1)
     fit(tmp_path, model, [FixedSignal(lam), controller], data=random_data(256))
     used = [row[0] for row in model.optimizers().optimizer.used]
-    assert used[:6] == pytest.approx([0.1 * 0.9 / 2.0] * 6, rel=1e-12)  # fast cut straight to the margin
+    assert used[:10] == pytest.approx([0.1 * 0.9 / 2.0] * 10, rel=1e-12)  # fast cut to the margin, then held
     s = 0.45
-    for lr in used[6:]:
+    for lr in used[10:]:
         s = min(1.0, s * 1.5)
         assert lr == pytest.approx(0.1 * s, rel=1e-12)  # slow multiplicative recovery, back to the schedule
     assert used[-1] == 0.1
@@ -347,6 +348,10 @@ def test_adaptive_bound_grows_while_calm_and_halves_on_a_spike_cutting_that_step
     used = [row[0] * 400.0 / 2 for row in model.optimizers().optimizer.used]  # effective ratios
     bounds = recorder.bounds
     assert len(used) == 12 and controller.n_spikes == 1  # the 3x loss, and no false alarm on the others
+    average = model.losses[0]
+    for loss in model.losses[1:]:
+        average = 0.9 * average + 0.1 * loss  # the moving average spikes are judged against
+    assert controller.loss_ema == pytest.approx(average, rel=1e-12)
     if mode != "adaptive":
         assert bounds == [controller.initial_bound] * 12
         return
