@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
@@ -50,6 +52,15 @@ class Classifier(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class NoisyInputs:
+    """Mixin for a classifier whose training step augments its inputs with noise drawn from torch's and Python's
+    random generators, as data augmentation in ``training_step`` does."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step((x + random.uniform(0.05, 0.1) * torch.randn_like(x), y), batch_idx)
 
 
 def random_data(n: int = 64, shape: tuple[int, ...] = (16,), classes: int = 4, seed: int = 0) -> TensorDataset:

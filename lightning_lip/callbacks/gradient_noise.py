@@ -56,7 +56,8 @@ class GradientNoiseEstimator(Callback):
     Every ``every_n_steps`` optimizer steps (:meth:`should_run`; by default as often as a time budget of
     ``max_overhead`` allows), after backward and before the optimizer step, the callback computes per-sample
     gradients of the current batch (its first ``max_samples`` samples) with ``torch.func.vmap`` in eval mode
-    (dropout off, BatchNorm on running statistics), without touching ``.grad`` or the optimizer. Under DDP the
+    (dropout off, BatchNorm on running statistics; random draws in the loss, such as noise augmentation, are
+    independent between samples), without touching ``.grad``, the optimizer or the RNG state. Under DDP the
     per-sample gradients of all ranks are gathered, so the statistics are those of the global batch seen by one
     process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)``; it must be a
     mean over samples (``lip_loss`` is required with manual optimization). If ``torch.func`` cannot differentiate

@@ -4,7 +4,9 @@ Forward-over-reverse (``torch.func.jvp`` of ``torch.func.grad``; reverse-over-re
 and ``autograd.Function``\ s without a forward-mode formula, the double backward of ``F.mse_loss``) through
 ``torch.func.functional_call``: the module's own parameters are never touched, no ``.backward()`` runs, and buffers
 (BatchNorm running statistics) are passed as copies so that a product leaves them unchanged. Weight normalization
-runs as primitive ops (its fused kernel's second derivative is wrong in torch 2.13).
+runs as primitive ops (its fused kernel's second derivative is wrong in torch 2.13). A loss that draws random
+numbers (noise augmentation in ``training_step``) is differentiated at one fixed draw: every product replays the
+random state the operator was made with, and leaves the global one untouched.
 """
 
 from __future__ import annotations
@@ -53,10 +55,14 @@ def hvp_operator(
 
     Returns:
         ``hvp(v)`` for ``v`` of shape ``[P]``, ``P`` the total number of elements of ``params``; float64 vectors
-        are accepted when the parameters are float64.
+        are accepted when the parameters are float64. Every call runs ``loss_fn`` from the random state of the CPU
+        and of the CUDA devices holding ``params`` as it was when the operator was made, so that random draws in
+        the loss are the same for every product (one symmetric operator).
     """
     params = trainable_parameters(module) if params is None else params
     names, values = list(params), list(params.values())
+    devices = list(dict.fromkeys(v.device for v in values if v.device.type == "cuda"))
+    cpu_state, cuda_states = torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
     sizes = [1.0] * len(batches) if batch_sizes is None else [float(n) for n in batch_sizes]
     total = sum(sizes)
     stateless = stateless_loss(module, loss_fn)
@@ -79,8 +85,12 @@ def hvp_operator(
     def hvp(v: Tensor) -> Tensor:
         tangents = tuple(unflatten(v.to(values[0].dtype), values))
         out = torch.zeros_like(v, dtype=values[0].dtype)
-        for batch, n in zip(batches, sizes):
-            out += (n / total) * flatten(product(batch, tangents))
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu_state)
+            for device, state in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(state, device)
+            for batch, n in zip(batches, sizes):
+                out += (n / total) * flatten(product(batch, tangents))
         return out.to(v.dtype)
 
     return hvp

@@ -2,7 +2,9 @@ r"""Per-sample gradients with ``torch.func``: ``vmap`` of ``grad`` over the samp
 
 Each sample is fed as a batch of one, so ``loss_fn`` is the user's mean-loss function unchanged. The module is
 called through ``functional_call`` (its parameters are never touched, no ``.backward()`` runs). A BatchNorm in
-training mode couples the samples of a batch, so it has no per-sample gradient: it must be in eval mode.
+training mode couples the samples of a batch, so it has no per-sample gradient: it must be in eval mode. Random
+draws in the loss (noise augmentation, dropout in training mode) are independent between samples, as they are in
+a batch.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ def per_sample_grads(
     def sample_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
         return loss(p, tree_map(lambda t: t.unsqueeze(0), sample))
 
-    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0))
+    grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0), randomness="different")
     n = _leading_size(batch)
     step = n if chunk_size is None else chunk_size
     try:

@@ -1,5 +1,6 @@
 import copy
 import math
+import random
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import TimeBudget
-from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_operator_norm
 
 
@@ -161,6 +162,24 @@ def test_training_is_bit_identical_with_and_without_the_estimator(tmp_path, arch
         return model
 
     plain, measured = run([]), run([GradientNoiseEstimator(every_n_steps=1)])
+    for a, b in zip(plain.parameters(), measured.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_training_step_drawing_random_numbers_is_measured_and_training_stays_bit_identical(tmp_path):
+    class Noisy(NoisyInputs, Classifier):
+        pass
+
+    def run(callbacks):
+        torch.manual_seed(0)
+        random.seed(0)
+        model = Noisy(mlp(), momentum=0.9)
+        fit(tmp_path, model, random_data(64), callbacks, max_epochs=2)
+        return model
+
+    estimator = GradientNoiseEstimator(every_n_steps=1)
+    plain, measured = run([]), run([estimator])
+    assert estimator.failure is None and estimator.n_runs == 8
     for a, b in zip(plain.parameters(), measured.parameters()):
         assert torch.equal(a, b)
 

@@ -1,4 +1,5 @@
 import math
+import random
 
 import pytest
 import torch
@@ -8,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_lip import HessianEigenMonitor, LipRegistry
-from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_hessian
 
 
@@ -104,10 +105,18 @@ def test_batchnorm_and_dropout_against_dense(tmp_path, bn_mode):
     assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-7)
 
 
-def test_training_is_bit_identical_with_and_without_monitor(tmp_path):
+class NoisyBNDropout(NoisyInputs, BNDropout):
+    pass
+
+
+@pytest.mark.parametrize("make", [BNDropout, NoisyBNDropout])
+def test_training_is_bit_identical_with_and_without_monitor(tmp_path, make):
+    """Also when ``training_step``, which the monitor evaluates for the loss, draws random numbers."""
+
     def run(callbacks):
         torch.manual_seed(5)
-        model = BNDropout()
+        random.seed(5)
+        model = make()
         fit(tmp_path, model, random_data(64, (6,), classes=3), callbacks, max_epochs=2)
         return model
 

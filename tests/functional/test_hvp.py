@@ -26,6 +26,28 @@ def test_hvp_equals_dense_hessian_with_weighted_batches(make, shape):
         torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
 
 
+def test_a_random_loss_is_differentiated_at_one_draw_and_leaves_the_global_rng_alone():
+    """Noise augmentation inside the loss: every product replays the draw of the random state the operator was made
+    with, so the operator is the dense Hessian at that draw (not a new draw per product), and the global state is
+    where it was: training goes on as if no product had run."""
+    net = mlp((6, 10, 3)).double()
+    x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
+    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+
+    def noisy(module, batch):
+        return ce(module, (batch[0] + 0.3 * torch.randn_like(batch[0]), batch[1]))
+
+    torch.manual_seed(3)
+    hvp = hvp_operator(net, noisy, batches, batch_sizes=[5, 7])
+    state = torch.get_rng_state()
+    n = sum(p.numel() for p in net.parameters())
+    columns = torch.stack([hvp(e) for e in torch.eye(n, dtype=torch.float64)], 1)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(3)
+    drawn = torch.cat([b[0] + 0.3 * torch.randn_like(b[0]) for b in batches])  # the draws, in the loss's order
+    torch.testing.assert_close(columns, dense_hessian(net, F.cross_entropy, drawn, y), rtol=1e-10, atol=1e-12)
+
+
 def test_frozen_parameters_are_excluded():
     net = mlp((4, 5, 3)).double()
     net[0].weight.requires_grad_(False)

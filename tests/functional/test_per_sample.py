@@ -59,6 +59,21 @@ def test_equals_python_loop_float64(case):
         torch.testing.assert_close(chunked[name], got[name], rtol=1e-12, atol=1e-14)
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_random_draws_in_the_loss_are_independent_between_samples(chunk_size):
+    """A loss scaled by a factor r ~ U(0, 1) drawn inside it: each sample's gradient is its own r times the loop's
+    gradient, with a different r for every sample, as in a batch."""
+    module = mlp((6, 10, 3)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    scaled = lambda m, b: torch.rand((), dtype=torch.float64) * ce(m, b)  # noqa: E731
+    got = per_sample_grads(module, scaled, (x, y), chunk_size=chunk_size)
+    expected = loop_grads(module, (x, y))
+    got, expected = (torch.cat([g[n].reshape(7, -1) for n in expected], 1) for g in (got, expected))
+    r = (got * expected).sum(1) / expected.square().sum(1)  # least-squares factor per sample
+    torch.testing.assert_close(got, r[:, None] * expected, rtol=1e-10, atol=1e-14)
+    assert ((r > 0) & (r < 1)).all() and len(set(r.tolist())) == 7
+
+
 def test_params_subset_and_frozen_parameters_are_left_out():
     module = mlp((4, 5, 3))
     module[0].weight.requires_grad_(False)
