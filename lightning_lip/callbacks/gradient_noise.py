@@ -405,7 +405,7 @@ class GradientNoiseEstimator(Callback):
         return self._shapes.operator(name, layer, weight=weight)(x)
 
     def _top_triplet(self, name: str, layer: nn.Module, follow_up: bool = False) -> tuple[Tensor, Tensor, Tensor]:
-        """``(u, sigma, v)`` of a convolution's true operator in float64, by Lanczos warm-started from this
+        r"""``(u, sigma, v)`` of a convolution's true operator in float64, by Lanczos warm-started from this
         callback's previous vector or, the first time, from the one a ``KappaBudgetProjection`` published (own vectors
         first: they are in the checkpoint, so a resumed run starts from the same ones).
 

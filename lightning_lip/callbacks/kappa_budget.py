@@ -311,7 +311,7 @@ class KappaBudgetProjection(Callback):
         self._queue_logs(n_projected, time.perf_counter() - start, audit)
 
     def _needs_refinement(self, name: str, sigma: float, sigma_prev: float) -> bool:
-        """Whether a layer's estimate is re-measured by warm Lanczos: not converged (:math:`\sigma - \sigma_{prev} >`
+        r"""Whether a layer's estimate is re-measured by warm Lanczos: not converged (:math:`\sigma - \sigma_{prev} >`
         ``tol`` :math:`\sigma`); no direction (:math:`\sigma = 0`: a zero layer, or a zero singular vector from one);
         or a large step, :math:`\sigma` moved by more than :math:`\sqrt{tol}` relative since the last step: one
         product's error is second order in the move, so it can exceed ``tol`` there, and the convergence indicator,

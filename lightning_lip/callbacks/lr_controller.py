@@ -36,7 +36,7 @@ from lightning_lip.registry import LipRegistry
 
 @dataclass
 class ThrottleState:
-    """What the throttle policy knows about one param group.
+    r"""What the throttle policy knows about one param group.
 
     Attributes:
         throttle: current throttle ``s`` in ``[s_min, 1]``.

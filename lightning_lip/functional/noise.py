@@ -243,7 +243,7 @@ def _weight_gradient(
 
 
 def _adjoint(operator: Callable[[Tensor], Tensor], x: Tensor, y: Tensor) -> Tensor:
-    """:math:`A^\top y` of the linear ``operator`` (evaluated at ``x``, any point of its input space)."""
+    r""":math:`A^\top y` of the linear ``operator`` (evaluated at ``x``, any point of its input space)."""
     return torch.func.vjp(operator, x)[1](y)[0]
 
 
@@ -253,7 +253,7 @@ def _dot(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _project(pair: tuple[Tensor, Tensor], u: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    """Remove the component along :math:`x = (u; v)/\sqrt2` from a batch of pairs ``(a [k, *out], b [k, *in])``."""
+    r"""Remove the component along :math:`x = (u; v)/\sqrt2` from a batch of pairs ``(a [k, *out], b [k, *in])``."""
     a, b = pair
     c = (_dot(a, u.expand_as(a)) + _dot(b, v.expand_as(b))) / 2
     return a - c.view(-1, *[1] * u.dim()) * u, b - c.view(-1, *[1] * v.dim()) * v

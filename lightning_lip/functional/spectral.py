@@ -70,7 +70,7 @@ def layer_operator(
     output_shape: Sequence[int] | None = None,
     weight: Tensor | None = None,
 ) -> Operator:
-    """The linear map ``x -> module(x) - bias`` on one sample, with the weight detached.
+    r"""The linear map ``x -> module(x) - bias`` on one sample, with the weight detached.
 
     Args:
         module: ``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd``.
@@ -300,7 +300,7 @@ def operator_norm(
     tol: float = 1e-6,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Spectral norm of the layer's true operator (see :func:`layer_operator`), from a random start.
+    r"""Spectral norm of the layer's true operator (see :func:`layer_operator`), from a random start.
 
     Args:
         module: ``nn.Linear``, ``nn.ConvNd`` or ``nn.ConvTransposeNd``.
