@@ -17,6 +17,7 @@ from lightning_lip import (
     LipRegistry,
 )
 from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.reference import dense_operator_norm
 
 
 def four(**noise):
@@ -107,6 +108,23 @@ def test_compiled_network(tmp_path):
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
     assert sum(key.startswith("lip/noise/drift/net._orig_mod.") for key in noise.last) == 3  # convs and linear
     assert controller.states[0].n_cuts > 0
+
+
+def test_lazy_modules(tmp_path):
+    """Lazy layers have no parameters before the first forward pass: the controller's first measurement, which runs
+    before it, waits for the next batch (it used to crash the run on an uninitialized parameter), and the
+    projection covers the layers once they exist."""
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    torch.manual_seed(0)
+    model = Classifier(
+        torch.nn.Sequential(torch.nn.LazyConv2d(4, 3, padding=1), torch.nn.Flatten(), torch.nn.LazyLinear(4))
+    )
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    assert controller._bootstrapped and monitor.n_runs == 4 and noise.n_runs == 4
+    assert kappa.n_projections == 8 and list(kappa.sigmas) == ["net.0", "net.2"] and kappa.bound <= 3.0 * 1.01
+    assert dense_operator_norm(model.net[0], (1, 8, 8)) * dense_operator_norm(model.net[2]) <= 3.0 * 1.01
 
 
 def test_weight_normalized_network(tmp_path, recwarn):

@@ -17,6 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
+from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
@@ -186,8 +187,11 @@ class HessianEigenMonitor(Callback):
             pl_module.log_dict(result, on_step=True, on_epoch=False)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: list[Any]) -> dict[str, float] | None:
-        """Run Lanczos on the probe batches; publish and return the metrics, or ``None`` if skipped."""
+        """Run Lanczos on the probe batches; publish and return the metrics, or ``None`` if there is nothing to
+        measure yet (lazy modules before their first forward pass, Adam before its first step) or at all."""
         start = time.perf_counter()
+        if any(is_lazy(p) for p in pl_module.parameters()):
+            return None
         params = trainable_parameters(pl_module)
         if not params:
             self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")

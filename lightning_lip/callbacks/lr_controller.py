@@ -73,7 +73,9 @@ class CurvatureLRController(Callback):
     :math:`\|\Delta g\|/\|\Delta\theta\|` of AdGD: the secant measures curvature along the last step only (a lower
     bound of :math:`\lambda_{max}`) and, between mini-batches, mixes gradient noise into :math:`\Delta g`. Signals
     older than ``max_age`` steps are ignored; without a signal the throttle holds. Before the first measurement the
-    controller measures once itself on the first batch (a cold probe), so that the first steps are guarded too.
+    controller measures once itself on the first batch (a cold probe), so that the first steps are guarded too, or
+    on the first one where there is something to measure (with Adam the second: its preconditioner needs a step;
+    with lazy modules the one after their first forward pass).
     Under DDP the signal is reduced with max, so every rank sets the same learning rate.
 
     Default policy: the throttle keeps :math:`s\,r` under a bound (:attr:`ThrottleState.bound`). Above it: fast cut
@@ -278,10 +280,10 @@ class CurvatureLRController(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        # No signal before the first measurement: measure once on this batch, so that the first steps are guarded too.
+        # No signal before the first measurement: measure once on this batch, so that the first steps are guarded too
+        # (on the next batch again if there is nothing to measure yet: lazy modules, Adam before its first step).
         if "hessian/lambda_max" not in LipRegistry.of(trainer) and not self._bootstrapped:
-            self._bootstrapped = True
-            (self._probe or self._make_probe()).measure(trainer, pl_module, [batch])
+            self._bootstrapped = (self._probe or self._make_probe()).measure(trainer, pl_module, [batch]) is not None
 
     def _signal(self, trainer: Trainer, registry: LipRegistry, step: int) -> float | None:
         """``lambda_max`` no older than ``max_age`` steps at ``step``, max-reduced over ranks; ``None`` if absent or

@@ -191,6 +191,21 @@ def test_adam_uses_its_threshold(tmp_path):
     assert controller.states[0].throttle == pytest.approx(0.25)
 
 
+def test_with_adam_the_first_measurement_follows_adams_first_step(tmp_path):
+    """Adam's preconditioned Hessian needs its second moment: the first measurement, impossible before the first
+    step, runs on the next batch instead of waiting for the probe's cadence."""
+
+    class AdamModel(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=1.0)
+
+    controller = CurvatureLRController(probe_every_n_steps=50)
+    trainer = fit(tmp_path, AdamModel(mlp()), [controller], max_steps=3)
+    registry = LipRegistry.of(trainer)
+    assert registry.step_of("hessian/lambda_max") == 1 and registry.get("hessian/preconditioned") is True
+    assert controller.states[0].throttle < 1  # lr 1 is far beyond Adam's threshold
+
+
 def test_no_signal_is_a_clear_error_or_the_probe(tmp_path):
     with pytest.raises(ValueError, match="add a HessianEigenMonitor"):
         fit(tmp_path, Classifier(mlp()), [CurvatureLRController(signal="hessian")])
