@@ -1,13 +1,15 @@
-"""All four callbacks together: order, resume, accumulation, bf16, compile, manual optimization, evaluation stages,
-DDP, every documented tag."""
+"""All four callbacks together: order, batch containers, resume, accumulation, bf16, compile, lazy modules, manual
+optimization, evaluation stages, DDP, every documented tag."""
 
 import math
+from collections import namedtuple
 
 import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.data import DataLoader, default_collate
 
 from lightning_lip import (
     CurvatureLRController,
@@ -65,6 +67,35 @@ def test_callback_order_does_not_change_results(tmp_path):
     b = summary(*run(tmp_path, list(reversed(reverse))), reverse)
     assert a["throttle"][0]["n_cuts"] > 0 and a["hessian"] and a["noise"]  # every callback did something
     assert_same(a, b)
+
+
+Sample = namedtuple("Sample", "x y")
+
+
+class Unwrapping(Classifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["x"], batch["y"]) if isinstance(batch, dict) else tuple(batch), batch_idx)
+
+
+@pytest.mark.parametrize("container", ["namedtuple", "dict"])
+def test_batches_in_other_containers_give_the_same_results(tmp_path, container):
+    """The same samples as a named tuple, or as a dict that also holds file names and a 0-dim tensor: every
+    callback takes the same decisions as with the plain tuple (the probe's copy rebuilt named tuples wrongly, and
+    per-sample gradients failed on the names)."""
+
+    def collate(items):
+        x, y = default_collate(items)
+        if container == "namedtuple":
+            return Sample(x, y)
+        return {"names": [f"img{i}.png" for i in range(len(x))], "x": x, "y": y, "epoch": torch.tensor(0)}
+
+    plain, wrapped = four(), four()
+    a = summary(*run(tmp_path, plain), plain)
+    torch.manual_seed(0)
+    model = Unwrapping(cnn(), lr=2.0, momentum=0.5)
+    trainer = Trainer(callbacks=wrapped, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(model, DataLoader(random_data(64, (1, 8, 8)), batch_size=16, collate_fn=collate))
+    assert_same(a, summary(trainer, model, wrapped))
 
 
 def test_resume_equals_uninterrupted(tmp_path):

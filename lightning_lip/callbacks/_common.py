@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 from lightning_lip.functional._stateless import LossFn
 from lightning_lip.functional.spectral import Operator, layer_operator, sample_shape
@@ -261,21 +262,4 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
 
 def detached(batch: Any) -> Any:
     """A copy of ``batch`` (tensors, nested in tuples, lists and dicts) detached from any graph."""
-    if isinstance(batch, Tensor):
-        return batch.detach().clone()
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(detached(b) for b in batch)
-    if isinstance(batch, dict):
-        return {k: detached(v) for k, v in batch.items()}
-    return batch
-
-
-def batch_size(batch: Any) -> int:
-    """Leading dimension of the first tensor of ``batch``."""
-    if isinstance(batch, Tensor):
-        return batch.shape[0]
-    if isinstance(batch, (list, tuple)):
-        return batch_size(batch[0])
-    if isinstance(batch, dict):
-        return batch_size(next(iter(batch.values())))
-    raise ValueError(f"Cannot infer the batch size of a {type(batch).__name__}; batches must hold tensors.")
+    return tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, batch)

@@ -18,14 +18,12 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
     LayerShapes,
     TimeBudget,
     WarnOnce,
-    batch_size,
     check_fraction,
     check_int,
     check_loss_source,
@@ -42,7 +40,7 @@ from lightning_lip.functional.noise import (
     operator_sigma_dynamics,
     sigma_dynamics,
 )
-from lightning_lip.functional.per_sample import per_sample_grads
+from lightning_lip.functional.per_sample import batch_size, per_sample_grads, slice_batch
 from lightning_lip.functional.spectral import CONV_TYPES, lanczos_svd, random_start
 from lightning_lip.functional.stability import linear_step
 from lightning_lip.registry import LipRegistry
@@ -266,7 +264,7 @@ class GradientNoiseEstimator(Callback):
             self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
             return None
         n = min(batch_size(batch), self.max_samples)
-        sub = tree_map(lambda t: t[:n] if isinstance(t, Tensor) else t, batch)
+        sub = slice_batch(batch, 0, n)
         try:
             with isolate_rng(), measurement_mode(pl_module):
                 grads = per_sample_grads(pl_module, module_loss(pl_module), sub, params, self.chunk_size)

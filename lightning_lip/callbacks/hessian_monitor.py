@@ -22,7 +22,6 @@ from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
     WarnOnce,
-    batch_size,
     check_choice,
     check_int,
     check_loss_source,
@@ -36,6 +35,7 @@ from lightning_lip.callbacks._common import (
 )
 from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
+from lightning_lip.functional.per_sample import batch_size
 from lightning_lip.functional.stability import adam_preconditioner, is_preconditioned, stability_threshold
 from lightning_lip.registry import LipRegistry
 

@@ -74,6 +74,30 @@ def test_random_draws_in_the_loss_are_independent_between_samples(chunk_size):
     assert ((r > 0) & (r < 1)).all() and len(set(r.tolist())) == 7
 
 
+@pytest.mark.parametrize("chunk_size", [None, 3])
+def test_batches_holding_more_than_tensors(chunk_size):
+    """A dict batch with file names and a tensor that is not per sample (class weights of the loss): only the
+    per-sample tensors are split, the rest reaches every sample's loss whole."""
+    module = mlp((6, 10, 3)).double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    weights = torch.tensor([1.0, 2.0, 0.5], dtype=torch.float64)
+    batch = {"names": [f"img{i}.png" for i in range(7)], "x": x, "y": y, "class_weights": weights}
+
+    def weighted(m, b):
+        assert b["names"] == batch["names"] and torch.equal(b["class_weights"], weights)
+        return F.cross_entropy(m(b["x"]), b["y"], weight=b["class_weights"])
+
+    got = per_sample_grads(module, weighted, batch, chunk_size=chunk_size)
+    expected = {n: [] for n, _ in module.named_parameters()}
+    for i in range(7):
+        module.zero_grad()
+        F.cross_entropy(module(x[i : i + 1]), y[i : i + 1], weight=weights).backward()
+        for n, p in module.named_parameters():
+            expected[n].append(p.grad.clone())
+    for name, rows in expected.items():
+        torch.testing.assert_close(got[name], torch.stack(rows), rtol=1e-6, atol=1e-10)
+
+
 def test_params_subset_and_frozen_parameters_are_left_out():
     module = mlp((4, 5, 3))
     module[0].weight.requires_grad_(False)
