@@ -125,19 +125,31 @@ def test_bf16_autocast_on_cpu(tmp_path):
     assert kappa.bound <= 3.0 * (1 + 1e-2) and all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_compiled_network(tmp_path):
-    """``torch.compile`` on the network (dynamo traces the callbacks' forward hooks; the eager backend needs no C
-    compiler): every callback measures and the budget holds."""
+class Unlogged(Classifier):
+    """Dynamo cannot trace Lightning's ``self.log`` inside a compiled ``training_step`` (with or without callbacks)."""
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("compiled", ["network", "module"])
+def test_compiled(tmp_path, compiled):
+    """``torch.compile`` on the network or on the whole LightningModule (dynamo traces the callbacks' forward hooks;
+    the eager backend needs no C compiler): every callback measures and the budget holds."""
     callbacks = four()
     kappa, monitor, noise, controller = callbacks
     torch.manual_seed(0)
-    model = Classifier(cnn(), lr=2.0, momentum=0.5)
-    model.net = torch.compile(model.net, backend="eager")
+    model = Unlogged(cnn(), lr=2.0, momentum=0.5)
+    if compiled == "network":
+        model.net = torch.compile(model.net, backend="eager")
     trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
-    trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    trainer.fit(
+        model if compiled == "network" else torch.compile(model, backend="eager"), loader(random_data(64, (1, 8, 8)))
+    )
     assert kappa.n_projections == trainer.global_step == 8 and len(kappa.sigmas) == 3 and kappa.bound <= 3.0 * 1.01
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
-    assert sum(key.startswith("lip/noise/drift/net._orig_mod.") for key in noise.last) == 3  # convs and linear
+    prefix = "lip/noise/drift/net._orig_mod." if compiled == "network" else "lip/noise/drift/net."
+    assert sum(key.startswith(prefix) for key in noise.last) == 3  # convs and linear
     assert controller.states[0].n_cuts > 0
 
 
@@ -271,6 +283,36 @@ def test_models_torch_func_cannot_differentiate_train_on(tmp_path, make, recwarn
     warned = [str(w.message) for w in recwarn if "torch.func cannot differentiate" in str(w.message)]
     assert {m.split(":")[0] for m in warned} == {"GradientNoiseEstimator", "HessianEigenMonitor"}
     assert controller.states[0].n_cuts == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Skipping(Classifier):
+    """Skips the update on batches whose loss is high: torch.func cannot evaluate this `training_step`."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return None if loss.item() > 10.0 else loss
+
+
+class SkippingWithLipLoss(Skipping):
+    def lip_loss(self, batch):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("make", [Skipping, SkippingWithLipLoss])
+def test_a_training_step_torch_func_cannot_run_is_named_with_the_remedy(tmp_path, make, recwarn):
+    """`.item()` in `training_step`, which `vmap` refuses: the estimator warns that `lip_loss` is the way round it and
+    stops (the Hessian's transforms take it); with `lip_loss` it measures."""
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(make(mlp()), loader(random_data(64)))
+    warned = [str(w.message) for w in recwarn if "torch.func cannot differentiate" in str(w.message)]
+    assert trainer.global_step == 8
+    if make is Skipping:
+        assert len(warned) == 1 and warned[0].startswith("GradientNoiseEstimator") and "define `lip_loss" in warned[0]
+        assert noise.n_runs == 0 and monitor.n_runs == 4
+    else:
+        assert not warned and monitor.n_runs == noise.n_runs == 4
 
 
 class Evaluated(Classifier):

@@ -41,14 +41,23 @@ def log_on_logger_steps(trainer: pl.Trainer, pl_module: pl.LightningModule, metr
     return True
 
 
-def transform_failure(error: RuntimeError, owner: str, warn: WarnOnce, consequence: str) -> str:
+def transform_failure(
+    error: RuntimeError, owner: str, warn: WarnOnce, consequence: str, pl_module: pl.LightningModule
+) -> str:
     """The reason, warned once, why ``torch.func`` could not differentiate the model's loss (an ``autograd.Function``
-    without ``setup_context`` or ``vmap``, activation checkpointing's saved-tensor hooks, ...); out-of-memory errors
-    are raised again."""
+    without ``setup_context`` or ``vmap``, activation checkpointing's saved-tensor hooks, a ``training_step`` that
+    calls ``.item()`` or returns ``None``, ...); out-of-memory errors are raised again."""
     if isinstance(error, torch.OutOfMemoryError):
         raise error
     reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
-    warn("transform", f"{owner}: torch.func cannot differentiate this model's loss ({reason}); {consequence}")
+    hint = (
+        ""
+        if callable(getattr(pl_module, "lip_loss", None))
+        else " If `training_step` is the obstacle (`.item()`, branches on tensor values, returning `None`), define "
+        "`lip_loss(self, batch)` on the LightningModule, the mean loss of `batch`, for the callbacks to evaluate "
+        "instead."
+    )
+    warn("transform", f"{owner}: torch.func cannot differentiate this model's loss ({reason}); {consequence}{hint}")
     return reason
 
 

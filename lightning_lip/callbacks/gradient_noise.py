@@ -270,7 +270,7 @@ class GradientNoiseEstimator(Callback):
                 grads = per_sample_grads(pl_module, module_loss(pl_module), sub, params, self.chunk_size)
         except RuntimeError as error:
             consequence = "no more noise measurements in this run."
-            self.failure = transform_failure(error, type(self).__name__, self._warn, consequence)
+            self.failure = transform_failure(error, type(self).__name__, self._warn, consequence, pl_module)
             self.n_skipped += 1
             return None
         flat = self._gather(trainer, torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1))

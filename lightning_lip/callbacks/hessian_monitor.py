@@ -222,7 +222,7 @@ class HessianEigenMonitor(Callback):
                 )
             except RuntimeError as error:
                 consequence = "no more Hessian measurements in this run (a CurvatureLRController holds its throttle)."
-                self.failure = transform_failure(error, type(self).__name__, self._warn, consequence)
+                self.failure = transform_failure(error, type(self).__name__, self._warn, consequence, pl_module)
                 self.n_skipped += 1
                 return {"lip/hessian/n_skipped": float(self.n_skipped)}
             density = None
