@@ -302,9 +302,12 @@ class HessianEigenMonitor(Callback):
         return worst
 
     def _start_vector(self, n: int, params: dict[str, Tensor]) -> tuple[Tensor, bool]:
-        """``([n] start vector, whether it is warm)``."""
+        """``([n] start vector, whether it is warm)``, in the parameters' precision but at least float32: Lanczos
+        in bfloat16 loses the orthogonality of its basis (λ_max 84–86 % low on MLPs), around products that stay in
+        the parameters' precision."""
         first = next(iter(params.values()))
-        noise = torch.randn(n, generator=self._generator, dtype=first.dtype).to(first.device)
+        dtype = torch.promote_types(first.dtype, torch.float32)
+        noise = torch.randn(n, generator=self._generator, dtype=dtype).to(first.device)
         cold = self._eigenvector is None or self._eigenvector.numel() != n
         if cold or (self.cold_every_n_runs and self.n_runs % self.cold_every_n_runs == 0):
             return noise, False

@@ -54,8 +54,9 @@ def hvp_operator(
         params: ``{name: tensor}`` to differentiate, default :func:`trainable_parameters`; others stay fixed.
 
     Returns:
-        ``hvp(v)`` for ``v`` of shape ``[P]``, ``P`` the total number of elements of ``params``; float64 vectors
-        are accepted when the parameters are float64. Every call runs ``loss_fn`` from the random state of the CPU
+        ``hvp(v)`` for ``v`` of shape ``[P]``, ``P`` the total number of elements of ``params``; the products run in
+        the parameters' precision and are summed over batches in ``v``'s (float32 vectors for bfloat16
+        parameters, float64 vectors for float64 ones). Every call runs ``loss_fn`` from the random state of the CPU
         and of the CUDA devices holding ``params`` as it was when the operator was made, so that random draws in
         the loss are the same for every product (one symmetric operator).
     """
@@ -84,13 +85,13 @@ def hvp_operator(
 
     def hvp(v: Tensor) -> Tensor:
         tangents = tuple(unflatten(v.to(values[0].dtype), values))
-        out = torch.zeros_like(v, dtype=values[0].dtype)
+        out = torch.zeros_like(v)
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(cpu_state)
             for device, state in zip(devices, cuda_states):
                 torch.cuda.set_rng_state(state, device)
             for batch, n in zip(batches, sizes):
-                out += (n / total) * flatten(product(batch, tangents))
-        return out.to(v.dtype)
+                out += (n / total) * flatten(product(batch, tangents)).to(v.dtype)
+        return out
 
     return hvp

@@ -52,7 +52,9 @@ class NoiseStatistics:
 
 
 def centred(grads: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean ``[P]`` and centred rows ``[B, P]`` of per-sample gradients ``grads`` ``[B, P]``."""
+    """Mean ``[P]`` and centred rows ``[B, P]`` of per-sample gradients ``grads`` ``[B, P]``, in at least float32:
+    half-precision gradients are converted first (the centring cancels their leading digits)."""
+    grads = grads.to(torch.promote_types(grads.dtype, torch.float32))
     mean = grads.mean(0)
     return mean, grads - mean
 

@@ -42,6 +42,17 @@ def test_statistics_equal_dense_covariance(seed):
     torch.testing.assert_close(sigma @ vectors, vectors * mu, rtol=0, atol=1e-10)  # eigenpairs of the dense Sigma
 
 
+def test_half_precision_gradients_are_converted_before_the_arithmetic():
+    """bfloat16 per-sample gradients (a ``precision="bf16-true"`` run): the statistics of those very values, in
+    float32 (rtol 1e-5: float32 rounding of 12 x 300 sums). Centring in bfloat16 would cancel most of their 8
+    significant bits where the mean dominates, as it does here."""
+    g = torch.Generator().manual_seed(0)
+    grads = (1.0 + 0.05 * torch.randn(12, 300, generator=g)).bfloat16()
+    got, exact = noise_statistics(grads, k=3), noise_statistics(grads.double(), k=3)
+    for name in ("trace", "grad_norm_sq", "grad_norm_sq_unbiased", "top_eigenvalues", "effective_rank"):
+        torch.testing.assert_close(getattr(got, name).double(), getattr(exact, name), rtol=1e-5, atol=0)
+
+
 def test_unbiased_grad_norm_is_unbiased_and_scale_is_inf_when_noise_dominates():
     g = torch.Generator().manual_seed(0)
     true_mean = torch.full((20,), 0.2, dtype=DT)
