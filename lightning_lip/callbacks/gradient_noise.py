@@ -145,6 +145,7 @@ class GradientNoiseEstimator(Callback):
         self.n_runs = 0
         self.n_skipped = 0
         self.failure: str | None = None  # why measurements stopped: torch.func cannot differentiate the model
+        self._stepped: tuple[int, int] | None = None  # (global step, optimizer) of the last optimizer step seen
         self.last: dict[str, float] = {}
         self._layers: dict[str, nn.Module] = {}
         self._batch: Any = None
@@ -200,6 +201,7 @@ class GradientNoiseEstimator(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._trainer = trainer
+        self._stepped = None
         write_tensorboard_layout(trainer)
         for optimizer in trainer.optimizers:
             handle = optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer))
@@ -219,8 +221,9 @@ class GradientNoiseEstimator(Callback):
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._batch is None:
-            return
+        if self._batch is None or self._stepped == (trainer.global_step, id(optimizer)):
+            return  # LBFGS runs this hook with every evaluation of its closure: once a step
+        self._stepped = (trainer.global_step, id(optimizer))
         follow_up = self._sample is not None
         due = self.failure is None and self.should_run(trainer.global_step + 1)
         if not (follow_up or due):

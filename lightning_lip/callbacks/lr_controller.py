@@ -91,7 +91,9 @@ class CurvatureLRController(Callback):
     negative one the bound stays at ``margin``. A non-finite loss (any rank, any accumulated micro-batch)
     multiplies ``s`` by ``emergency_factor``; with ``skip_nonfinite=True`` the gradients are checked too (one fused
     pass over them) and the step's update is dropped (gradients set to ``None``). Under DDP the step loss is the
-    mean over ranks.
+    mean over ranks. The loss is read once a step (LBFGS: its first closure evaluation), and acted on for that
+    very step whether ``on_before_optimizer_step`` runs inside ``optimizer.step`` or before it (a GradScaler's
+    order, ``precision="16-mixed"``).
 
     Logged: ``lip/lr/effective``, ``scheduled``, ``throttle``, ``ratio`` (:math:`s\,r`, effective), ``bound``,
     ``threshold``, ``signal`` (with several param groups, for the least stable one, plus
@@ -193,6 +195,8 @@ class CurvatureLRController(Callback):
         self._rows: list[tuple[float, float | None, float | None]] = []
         self._loss_finite = True
         self._step_loss = 0.0  # sum over the step's micro-batches of the (accumulation-normalized) loss
+        self._loss_step: int | None = None  # the global step whose loss was taken last
+        self._nonfinite = False  # a non-finite loss or gradient waiting for the step's pre-hook
         self.loss_ema: float | None = None
         self.n_spikes = 0
         self._logged_counts: tuple[dict[str, float], int] | None = None  # the event counters last logged, epoch
@@ -264,6 +268,7 @@ class CurvatureLRController(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         write_tensorboard_layout(trainer)
         self._registry = registry = LipRegistry.of(trainer)
+        self._loss_step = None
         if self._last_signal is not None and "hessian/lambda_max" not in registry:  # resumed: the signal it had
             registry.publish("hessian/lambda_max", *self._last_signal)
         if not trainer.optimizers:
@@ -311,6 +316,8 @@ class CurvatureLRController(Callback):
             group["lr"] = lr * state.throttle
             rows.append((lr, threshold, lam))
         self._rows = rows
+        if self._nonfinite:  # seen by `on_before_optimizer_step` before this hook (a GradScaler's order)
+            self._emergency(optimizer)
         registry.publish("lr/throttle", [s.throttle for s in self.states], step)
         registry.publish("lr/effective", [r[0] * s.throttle for r, s in zip(rows, self.states)], step)
 
@@ -329,13 +336,18 @@ class CurvatureLRController(Callback):
         for group, lr in zip(optimizer.param_groups, self._scheduled):
             group["lr"] = lr
         self._scheduled = None
+        self._loss_finite, self._step_loss = True, 0.0  # losses of closure evaluations after the first (LBFGS)
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._scheduled is None or optimizer is not trainer.optimizers[0]:
+        # Once a step: LBFGS runs this hook with every evaluation of its closure. It comes after the step pre-hook
+        # (the closure runs inside `optimizer.step`), or before it where a GradScaler steps the optimizer after the
+        # closure (precision="16-mixed"): then the pre-hook applies what it finds here.
+        if optimizer is not trainer.optimizers[0] or not self.states or self._loss_step == trainer.global_step:
             return
+        self._loss_step = trainer.global_step
         bad, loss = float(not self._loss_finite), self._step_loss
         self._loss_finite, self._step_loss = True, 0.0
         groups = optimizer.param_groups if self.skip_nonfinite else []  # only then are the gradients read
@@ -347,13 +359,18 @@ class CurvatureLRController(Callback):
             bad, loss = trainer.strategy.reduce(both, reduce_op="sum").tolist()
             loss /= trainer.world_size
         if bad:
-            self._emergency(optimizer, params)
+            self._nonfinite = True
+            if self.skip_nonfinite:
+                for p in params:
+                    p.grad = None
+            if self._scheduled is not None:
+                self._emergency(optimizer)
         else:
             self._follow_loss(optimizer, loss)
 
     def _follow_loss(self, optimizer: torch.optim.Optimizer, loss: float) -> None:
         """Spike detection on this step's (finite) loss: the bounds adapt, and a group over its new bound is cut
-        before the update."""
+        before the update (here if the step's pre-hook has run, else by the pre-hook, to the new bound)."""
         if loss < 0:
             self._warn("negative", "CurvatureLRController: a negative loss has no spikes to detect; bounds hold.")
             return
@@ -361,29 +378,31 @@ class CurvatureLRController(Callback):
         self.n_spikes += spike
         decay = self.LOSS_EMA_DECAY
         self.loss_ema = loss if self.loss_ema is None else decay * self.loss_ema + (1 - decay) * loss
-        for group, state, (lr, threshold, lam) in zip(optimizer.param_groups, self.states, self._rows):
+        rows = self._rows if self._scheduled is not None else [None] * len(self.states)
+        for group, state, row in zip(optimizer.param_groups, self.states, rows):
             bound = self.adapt(spike, state)
             if not (math.isfinite(bound) and bound > 0):
                 continue
             state.bound = bound
+            if not (spike and row is not None):
+                continue
+            lr, threshold, lam = row
             ratio = math.nan if threshold is None or lam is None else lr * lam / threshold
-            if spike and ratio * state.throttle > bound:
+            if ratio * state.throttle > bound:
                 state.throttle = max(self.s_min, bound / ratio)
                 state.n_cuts += 1
                 group["lr"] = lr * state.throttle
 
-    def _emergency(self, optimizer: torch.optim.Optimizer, params: list[Tensor]) -> None:
-        """Cut every group by ``emergency_factor`` for this step (and drop its update if ``skip_nonfinite``)."""
+    def _emergency(self, optimizer: torch.optim.Optimizer) -> None:
+        """Cut every group by ``emergency_factor`` for this step, once the step's pre-hook has set its rates."""
         self._warn(
             "nonfinite", "CurvatureLRController: non-finite loss or gradient; emergency cut of the learning rate."
         )
+        self._nonfinite = False
         for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
             state.throttle = max(self.s_min, state.throttle * self.emergency_factor)
             state.n_emergencies += 1
             group["lr"] = lr * state.throttle
-        if self.skip_nonfinite:
-            for p in params:
-                p.grad = None
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:

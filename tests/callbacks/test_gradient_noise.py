@@ -184,6 +184,19 @@ def test_a_training_step_drawing_random_numbers_is_measured_and_training_stays_b
         assert torch.equal(a, b)
 
 
+def test_lbfgs_is_measured_once_a_step(tmp_path):
+    """LBFGS evaluates its closure (and Lightning's ``on_before_optimizer_step``) several times a step."""
+
+    class LBFGSModel(Classifier):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+    estimator = GradientNoiseEstimator(every_n_steps=2)
+    with pytest.warns(UserWarning, match="no linear step map for LBFGS"):
+        trainer = fit(tmp_path, LBFGSModel(mlp()), random_data(64), [estimator], max_steps=4)
+    assert trainer.global_step == 4 and estimator.n_runs == 2 and math.isfinite(estimator.last["lip/noise/trace"])
+
+
 def test_observation_precedes_the_projection(tmp_path):
     """A projection registered first still runs after the observation: it cuts the weights by far more than the
     step's noise, which would show as huge z-scores."""

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.plugins.precision import Precision
 
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
 from tests.models import Classifier, loader, mlp, random_data, trainer_kwargs
@@ -65,6 +66,20 @@ class Scheduled(Classifier):
         if self.schedule == "plateau":
             config["monitor"] = "plateau_metric"
         return {"optimizer": opt, "lr_scheduler": config}
+
+
+class ClosureFirst(Precision):
+    """Lightning's order under a GradScaler (``precision="16-mixed"`` on GPUs): the closure and
+    ``on_before_optimizer_step`` run before ``optimizer.step``, so before the controller's step pre-hook."""
+
+    def optimizer_step(self, optimizer, model, closure, **kwargs):
+        closure()
+        self._after_closure(model, optimizer)
+        return optimizer.step(**kwargs)
+
+
+#: ``fit`` keyword arguments of the two hook orders
+ORDERS = {"closure_in_step": {}, "closure_first": {"plugins": [ClosureFirst()]}}
 
 
 def fit(tmp_path, model, callbacks, data=None, batch_size=16, **kw):
@@ -155,11 +170,12 @@ class NaNAt(Classifier):
         return RecordingSGD(self.parameters(), lr=self.lr)
 
 
-def test_nonfinite_gradient_emergency_cut_and_optional_skip(tmp_path):
+@pytest.mark.parametrize("order", ORDERS)
+def test_nonfinite_gradient_emergency_cut_and_optional_skip(tmp_path, order):
     controller = CurvatureLRController(skip_nonfinite=True, emergency_factor=0.25)
     model = NaNAt(2)
     with pytest.warns(UserWarning, match="non-finite loss or gradient"):
-        fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], data=random_data(128))
+        fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], data=random_data(128), **ORDERS[order])
     assert all(torch.isfinite(p).all() for p in model.parameters())
     used = [row[0] for row in model.optimizers().optimizer.used]
     assert used[2] == pytest.approx(0.025) and used[3] == pytest.approx(0.025 * 1.05)
@@ -354,12 +370,14 @@ class BoundRecorder(FixedSignal):
         self.bounds.append(self.controller.states[0].bound)
 
 
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("mode", ["adaptive", "strict", "guard"])
-def test_adaptive_bound_grows_while_calm_and_halves_on_a_spike_cutting_that_step(tmp_path, mode):
+def test_adaptive_bound_grows_while_calm_and_halves_on_a_spike_cutting_that_step(tmp_path, mode, order):
+    """In both hook orders: the spike's step is cut by the spike handler or, where it runs first, by the pre-hook."""
     controller = CurvatureLRController(mode=mode, margin=0.5, bound_growth=1.2, max_ratio=2.0, recovery=2.0)
     recorder = BoundRecorder(400.0, controller)  # lr 0.01: unthrottled ratio 2
     model = SpikeAt(spike_step=8)
-    fit(tmp_path, model, [recorder, controller], data=random_data(192))
+    fit(tmp_path, model, [recorder, controller], data=random_data(192), **ORDERS[order])
     used = [row[0] * 400.0 / 2 for row in model.optimizers().optimizer.used]  # effective ratios
     bounds = recorder.bounds
     assert len(used) == 12 and controller.n_spikes == 1  # the 3x loss, and no false alarm on the others
@@ -374,9 +392,30 @@ def test_adaptive_bound_grows_while_calm_and_halves_on_a_spike_cutting_that_step
     assert bounds[:8] == pytest.approx(expected, rel=1e-12)
     assert bounds[8] == pytest.approx(bounds[7] / 2, rel=1e-12) and bounds[9] == pytest.approx(bounds[8] * 1.2)
     assert used[8] == pytest.approx(bounds[8], rel=1e-12) and used[8] < used[7]  # the spike's step is cut at once
-    in_force = [0.5, *bounds[:-1]]  # the bound each step's pre-hook saw
+    # the bound each step's pre-hook saw: the previous step's, or this one's where the loss is read first
+    in_force = bounds if order == "closure_first" else [0.5, *bounds[:-1]]
     assert all(u <= b * (1 + 1e-12) for u, b in zip(used, in_force))
-    assert used[0] == pytest.approx(0.5) and max(used) > 1.0  # strict at first, beyond the threshold when calm
+    assert used[0] == pytest.approx(in_force[0]) and max(used) > 1.0  # strict at first, past the threshold when calm
+
+
+def test_lbfgs_counts_the_loss_of_its_first_closure_evaluation_once_a_step(tmp_path):
+    """LBFGS evaluates its closure (and Lightning's ``on_before_optimizer_step``) several times a step: the step's
+    loss is the first evaluation's, at the parameters the step starts from."""
+
+    class LBFGSModel(SpikeAt):
+        def configure_optimizers(self):
+            return torch.optim.LBFGS(self.parameters(), lr=0.1, max_iter=4)
+
+    controller = CurvatureLRController()
+    model = LBFGSModel()
+    with pytest.warns(UserWarning, match="No stability threshold is known for LBFGS"):
+        trainer = fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], max_steps=3)
+    per_step = len(model.losses) // trainer.global_step
+    assert trainer.global_step == 3 and per_step > 1 and len(model.losses) == 3 * per_step
+    average = model.losses[0]
+    for loss in model.losses[per_step::per_step]:
+        average = 0.9 * average + 0.1 * loss
+    assert controller.loss_ema == pytest.approx(average, rel=1e-12)
 
 
 def test_the_step_loss_is_the_mean_over_accumulated_micro_batches(tmp_path):
