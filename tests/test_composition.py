@@ -423,6 +423,24 @@ def test_every_documented_tag_reaches_tensorboard(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_spawn_pickles_the_callbacks_and_trains_as_ddp_fork(tmp_path):
+    """``strategy="ddp_spawn"`` pickles the Trainer, callbacks included, into new processes, where a plain
+    ``torch.Generator`` crashed them (pytorch/pytorch#146828). The weights rank 0 sends back equal a ``ddp_fork``
+    run's."""
+
+    def weights(strategy):
+        torch.manual_seed(0)
+        model = Classifier(cnn(), lr=2.0, momentum=0.5)
+        trainer = Trainer(callbacks=four(), **trainer_kwargs(tmp_path, devices=2, strategy=strategy, max_epochs=2))
+        trainer.fit(model, loader(random_data(64, (1, 8, 8)), batch_size=8))
+        return model.state_dict()
+
+    forked, spawned = weights("ddp_fork"), weights("ddp_spawn")
+    for key, value in forked.items():
+        assert torch.equal(value, spawned[key]), key
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [(), ("weight_norm",)], ids=["plain", "weight_norm"])
 def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path, variant):
     from tests.ddp import run_ddp

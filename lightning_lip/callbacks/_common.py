@@ -19,6 +19,20 @@ from lightning_lip.functional._stateless import LossFn
 from lightning_lip.functional.spectral import Operator, layer_operator, sample_shape
 
 
+class SpawnSafeGenerator(torch.Generator):
+    """A CPU ``torch.Generator`` that pickles its state by value: a spawned process (``strategy="ddp_spawn"``) gets
+    a plain generator's state tensor through shared memory, which fails on Linux (pytorch/pytorch#146828)."""
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _generator_from_state, (bytes(self.get_state().numpy()),)
+
+
+def _generator_from_state(state: bytes) -> SpawnSafeGenerator:
+    generator = SpawnSafeGenerator()
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator
+
+
 class WarnOnce:
     """Emits each distinct warning key once per instance (on rank zero)."""
 

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
     LayerShapes,
+    SpawnSafeGenerator,
     TimeBudget,
     WarnOnce,
     check_fraction,
@@ -155,7 +156,7 @@ class GradientNoiseEstimator(Callback):
         self._handles: list[Any] = []
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}  # conv layers' top right singular vectors, warm starts
-        self._generator = torch.Generator().manual_seed(0)  # Lanczos start noise: the global RNG stays untouched
+        self._generator = SpawnSafeGenerator().manual_seed(0)  # Lanczos start noise: the global RNG stays untouched
         self._trainer: Trainer | None = None
         self._budget = TimeBudget(max_overhead)
         self._warn = WarnOnce()

@@ -21,6 +21,7 @@ from torch.nn.parameter import is_lazy
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    SpawnSafeGenerator,
     WarnOnce,
     check_choice,
     check_int,
@@ -149,7 +150,7 @@ class HessianEigenMonitor(Callback):
         self._probe_size = 0
         self._eigenvector: Tensor | None = None
         self._last_step = 0
-        self._generator = torch.Generator().manual_seed(0)
+        self._generator = SpawnSafeGenerator().manual_seed(0)
         self._warn = WarnOnce()
 
     @property

@@ -24,6 +24,7 @@ from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
     LayerShapes,
+    SpawnSafeGenerator,
     WarnOnce,
     check_choice,
     check_int,
@@ -163,7 +164,7 @@ class KappaBudgetProjection(Callback):
         self._current_kappas: dict[str, float] = {}
         self._n_skipped = 0
         self._unscalable: set[str] = set()
-        self._generator = torch.Generator().manual_seed(0)
+        self._generator = SpawnSafeGenerator().manual_seed(0)
         self._handles: list[Any] = []
         self._pending: dict[str, float] | None = None
         self._warn = WarnOnce()
