@@ -31,11 +31,37 @@ def four(**noise):
     ]
 
 
-def run(tmp_path, callbacks, max_epochs=2, ckpt=None, **kw):
+Sample = namedtuple("Sample", "x y")
+
+
+class Unwrapping(Classifier):
+    """Takes its samples as a tuple, a named tuple or a dict with ``x`` and ``y``."""
+
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch["x"], batch["y"]) if isinstance(batch, dict) else tuple(batch), batch_idx)
+
+
+def collate(container):
+    """Batches of (x, y) samples as a tuple, a named tuple, or a dict that also holds file names and a 0-dim
+    tensor."""
+
+    def to(items):
+        x, y = default_collate(items)
+        if container == "tuple":
+            return x, y
+        if container == "namedtuple":
+            return Sample(x, y)
+        return {"names": [f"img{i}.png" for i in range(len(x))], "x": x, "y": y, "epoch": torch.tensor(0)}
+
+    return to
+
+
+def run(tmp_path, callbacks, max_epochs=2, ckpt=None, container="tuple", **kw):
     torch.manual_seed(0)
-    model = Classifier(cnn(), lr=2.0, momentum=0.5)  # large enough for the controller to cut
+    model = Unwrapping(cnn(), lr=2.0, momentum=0.5)  # large enough for the controller to cut
     trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=max_epochs, **kw))
-    trainer.fit(model, loader(random_data(64, (1, 8, 8))), ckpt_path=ckpt)
+    data = DataLoader(random_data(64, (1, 8, 8)), batch_size=16, collate_fn=collate(container))
+    trainer.fit(model, data, ckpt_path=ckpt)
     return trainer, model
 
 
@@ -69,44 +95,40 @@ def test_callback_order_does_not_change_results(tmp_path):
     assert_same(a, b)
 
 
-Sample = namedtuple("Sample", "x y")
-
-
-class Unwrapping(Classifier):
-    def training_step(self, batch, batch_idx):
-        return super().training_step((batch["x"], batch["y"]) if isinstance(batch, dict) else tuple(batch), batch_idx)
-
-
 @pytest.mark.parametrize("container", ["namedtuple", "dict"])
 def test_batches_in_other_containers_give_the_same_results(tmp_path, container):
     """The same samples as a named tuple, or as a dict that also holds file names and a 0-dim tensor: every
     callback takes the same decisions as with the plain tuple (the probe's copy rebuilt named tuples wrongly, and
     per-sample gradients failed on the names)."""
-
-    def collate(items):
-        x, y = default_collate(items)
-        if container == "namedtuple":
-            return Sample(x, y)
-        return {"names": [f"img{i}.png" for i in range(len(x))], "x": x, "y": y, "epoch": torch.tensor(0)}
-
     plain, wrapped = four(), four()
-    a = summary(*run(tmp_path, plain), plain)
-    torch.manual_seed(0)
-    model = Unwrapping(cnn(), lr=2.0, momentum=0.5)
-    trainer = Trainer(callbacks=wrapped, **trainer_kwargs(tmp_path, max_epochs=2))
-    trainer.fit(model, DataLoader(random_data(64, (1, 8, 8)), batch_size=16, collate_fn=collate))
-    assert_same(a, summary(trainer, model, wrapped))
+    assert_same(summary(*run(tmp_path, plain), plain), summary(*run(tmp_path, wrapped, container=container), wrapped))
 
 
-def test_resume_equals_uninterrupted(tmp_path):
+@pytest.mark.parametrize("container", ["tuple", "namedtuple"])
+def test_resume_equals_uninterrupted(tmp_path, container):
+    """The checkpoint loads with ``weights_only=True`` also where the probe holds batches of a class (it keeps
+    their leaves, and the resumed run puts them back into its batches' structure)."""
     full = four()
-    expected = summary(*run(tmp_path / "a", full, max_epochs=4), full)
+    expected = summary(*run(tmp_path / "a", full, max_epochs=4, container=container), full)
     first = four()
-    trainer, _ = run(tmp_path / "b", first, max_epochs=2)
+    trainer, _ = run(tmp_path / "b", first, max_epochs=2, container=container)
     trainer.save_checkpoint(tmp_path / "c.ckpt")
     torch.load(tmp_path / "c.ckpt", weights_only=True)  # plain tensors and numbers only
     second = four()
-    assert_same(summary(*run(tmp_path / "b", second, max_epochs=4, ckpt=tmp_path / "c.ckpt"), second), expected)
+    resumed = run(tmp_path / "b", second, max_epochs=4, ckpt=tmp_path / "c.ckpt", container=container)
+    assert_same(summary(*resumed, second), expected)
+
+
+def test_a_checkpoints_probe_that_does_not_fit_the_resumed_batches_is_collected_anew(tmp_path):
+    first = four()
+    trainer, _ = run(tmp_path, first, max_epochs=1)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    second = four()
+    with pytest.warns(UserWarning, match="probe does not fit this run's batches"):
+        run(tmp_path, second, max_epochs=2, ckpt=tmp_path / "c.ckpt", container="dict")
+    monitor = second[1]
+    assert all(isinstance(b, dict) for b in monitor._probe) and monitor._probe_size == 32
+    assert monitor.n_runs == first[1].n_runs + 2
 
 
 def test_gradient_accumulation(tmp_path):

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor
 from torch.nn.parameter import is_lazy
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
@@ -148,6 +149,7 @@ class HessianEigenMonitor(Callback):
         self.last: dict[str, float] = {}
         self._probe: list[Any] = []
         self._probe_size = 0
+        self._probe_leaves: list[list[Any]] = []  # a checkpoint's probe, until a batch shows its structure
         self._eigenvector: Tensor | None = None
         self._last_step = 0
         self._generator = SpawnSafeGenerator().manual_seed(0)
@@ -175,6 +177,8 @@ class HessianEigenMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        if self._probe_leaves:
+            self._probe = self._restored_probe(batch)
         if self.data == "fixed" and self._probe_size < self.num_samples:
             self._probe.append(detached(batch))
             self._probe_size += batch_size(batch)
@@ -331,6 +335,21 @@ class HessianEigenMonitor(Callback):
 
         return matvec
 
+    def _restored_probe(self, batch: Any) -> list[Any]:
+        """A checkpoint's probe, its leaves put back into the structure of ``batch``: the checkpoint keeps leaves
+        only, so that batch classes (named tuples, dataclasses, a tokenizer's ``BatchEncoding``) load with
+        ``torch.load(weights_only=True)``. A probe that does not fit is collected anew."""
+        leaves, spec = tree_flatten(batch)
+        stored, self._probe_leaves = self._probe_leaves, []
+        if all(len(p) == len(leaves) for p in stored):
+            return [tree_unflatten(p, spec) for p in stored]
+        self._warn(
+            "probe",
+            f"{type(self).__name__}: the checkpoint's probe does not fit this run's batches; a new one is collected.",
+        )
+        self._probe_size = 0
+        return []
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -338,7 +357,7 @@ class HessianEigenMonitor(Callback):
             "n_skipped": self.n_skipped,
             "last_step": self._last_step,
             "eigenvector": self._eigenvector.cpu() if self._eigenvector is not None else None,
-            "probe": self._probe,
+            "probe_leaves": [tree_flatten(b)[0] for b in self._probe] or self._probe_leaves,
             "probe_size": self._probe_size,
             "generator": self._generator.get_state(),
         }
@@ -349,6 +368,7 @@ class HessianEigenMonitor(Callback):
         self.n_skipped = state_dict["n_skipped"]
         self._last_step = state_dict["last_step"]
         self._eigenvector = state_dict["eigenvector"]
-        self._probe = list(state_dict["probe"])
+        self._probe = list(state_dict.get("probe", []))  # checkpoints of 0.1 held the batches themselves
+        self._probe_leaves = list(state_dict.get("probe_leaves", []))
         self._probe_size = state_dict["probe_size"]
         self._generator.set_state(state_dict["generator"])
