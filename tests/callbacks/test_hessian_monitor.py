@@ -55,8 +55,8 @@ def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
 
 def test_bf16_true_precision_matches_the_dense_hessian_of_its_weights(tmp_path):
     """``precision="bf16-true"``: the products run in bfloat16, Lanczos in float32. Against the float64 Hessian of
-    the same bfloat16 weights and inputs: within 1e-2 (bfloat16 keeps 8 significant bits, 4e-3 per rounding; one
-    here 4e-5 off, where Lanczos in bfloat16 was 86 % low)."""
+    the same bfloat16 weights and inputs: within 1e-2 (bfloat16 keeps 8 significant bits, 4e-3 per rounding; the
+    measurement here is 4e-5 off, where Lanczos in bfloat16 was 86 % low)."""
     torch.manual_seed(0)
     model = Classifier(mlp((16, 32, 32, 4)), lr=0.1)
     monitor = HessianEigenMonitor(every_n_steps=2, max_iter=100, num_samples=64)
