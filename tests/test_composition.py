@@ -1,8 +1,10 @@
 """All four callbacks together: order, batch containers, resume, accumulation, bf16, compile, lazy modules, manual
 optimization, evaluation stages, DDP, every documented tag."""
 
+import dataclasses
 import math
-from collections import namedtuple
+from collections import UserDict, namedtuple
+from collections.abc import Mapping
 
 import pytest
 import torch
@@ -34,16 +36,35 @@ def four(**noise):
 Sample = namedtuple("Sample", "x y")
 
 
+class Encoding(UserDict):
+    """A mapping with attributes of its own, like a tokenizer's ``BatchEncoding``."""
+
+    def __init__(self, data=None, source=None):
+        super().__init__(data)
+        self.source = source
+
+
+@dataclasses.dataclass
+class Batch:
+    x: torch.Tensor
+    y: torch.Tensor
+    seen: int = dataclasses.field(default=0, init=False)
+
+
 class Unwrapping(Classifier):
-    """Takes its samples as a tuple, a named tuple or a dict with ``x`` and ``y``."""
+    """Takes its samples as a tuple, a named tuple, a mapping or a dataclass with ``x`` and ``y``."""
 
     def training_step(self, batch, batch_idx):
-        return super().training_step((batch["x"], batch["y"]) if isinstance(batch, dict) else tuple(batch), batch_idx)
+        if isinstance(batch, Mapping):
+            batch = batch["x"], batch["y"]
+        elif isinstance(batch, Batch):
+            batch = batch.x, batch.y
+        return super().training_step(tuple(batch), batch_idx)
 
 
 def collate(container):
-    """Batches of (x, y) samples as a tuple, a named tuple, or a dict that also holds file names and a 0-dim
-    tensor."""
+    """Batches of (x, y) samples as a tuple, a named tuple, a dict that also holds file names and a 0-dim tensor, a
+    mapping class with an attribute, or a dataclass."""
 
     def to(items):
         x, y = default_collate(items)
@@ -51,6 +72,10 @@ def collate(container):
             return x, y
         if container == "namedtuple":
             return Sample(x, y)
+        if container == "mapping":
+            return Encoding({"x": x, "y": y}, source="digits")
+        if container == "dataclass":
+            return Batch(x, y)
         return {"names": [f"img{i}.png" for i in range(len(x))], "x": x, "y": y, "epoch": torch.tensor(0)}
 
     return to
@@ -95,16 +120,17 @@ def test_callback_order_does_not_change_results(tmp_path):
     assert_same(a, b)
 
 
-@pytest.mark.parametrize("container", ["namedtuple", "dict"])
+@pytest.mark.parametrize("container", ["namedtuple", "dict", "mapping", "dataclass"])
 def test_batches_in_other_containers_give_the_same_results(tmp_path, container):
-    """The same samples as a named tuple, or as a dict that also holds file names and a 0-dim tensor: every
-    callback takes the same decisions as with the plain tuple (the probe's copy rebuilt named tuples wrongly, and
-    per-sample gradients failed on the names)."""
+    """The same samples as a named tuple, a dict that also holds file names and a 0-dim tensor, a mapping class (as
+    a tokenizer's ``BatchEncoding``) or a dataclass: every callback takes the same decisions as with the plain
+    tuple (the probe's copy rebuilt named tuples wrongly, per-sample gradients failed on the names, and mappings
+    other than dicts and dataclasses had no batch size)."""
     plain, wrapped = four(), four()
     assert_same(summary(*run(tmp_path, plain), plain), summary(*run(tmp_path, wrapped, container=container), wrapped))
 
 
-@pytest.mark.parametrize("container", ["tuple", "namedtuple"])
+@pytest.mark.parametrize("container", ["tuple", "namedtuple", "dataclass"])
 def test_resume_equals_uninterrupted(tmp_path, container):
     """The checkpoint loads with ``weights_only=True`` also where the probe holds batches of a class (it keeps
     their leaves, and the resumed run puts them back into its batches' structure)."""

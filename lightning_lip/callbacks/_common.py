@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from lightning_lip.functional._stateless import LossFn
+from lightning_lip.functional.batch import batch_tree
 from lightning_lip.functional.spectral import Operator, layer_operator, sample_shape
 
 
@@ -284,5 +285,6 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
 
 
 def detached(batch: Any) -> Any:
-    """A copy of ``batch`` (tensors, nested in tuples, lists and dicts) detached from any graph."""
-    return tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, batch)
+    """A copy of ``batch``, in its own containers, with its tensors detached from any graph."""
+    tree, rebuild = batch_tree(batch)
+    return rebuild(tree_map(lambda t: t.detach().clone() if isinstance(t, Tensor) else t, tree))

@@ -34,6 +34,7 @@ from lightning_lip.callbacks._common import (
     write_tensorboard_layout,
 )
 from lightning_lip.functional._stateless import trainable_parameters
+from lightning_lip.functional.batch import batch_size, slice_batch
 from lightning_lip.functional.noise import (
     centred,
     log_lipschitz_dynamics,
@@ -41,7 +42,7 @@ from lightning_lip.functional.noise import (
     operator_sigma_dynamics,
     sigma_dynamics,
 )
-from lightning_lip.functional.per_sample import batch_size, per_sample_grads, slice_batch
+from lightning_lip.functional.per_sample import per_sample_grads
 from lightning_lip.functional.spectral import CONV_TYPES, lanczos_svd, random_start
 from lightning_lip.functional.stability import linear_step
 from lightning_lip.registry import LipRegistry

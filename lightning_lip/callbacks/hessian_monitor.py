@@ -35,9 +35,9 @@ from lightning_lip.callbacks._common import (
     transform_failure,
     write_tensorboard_layout,
 )
+from lightning_lip.functional.batch import batch_size, batch_tree
 from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
-from lightning_lip.functional.per_sample import batch_size
 from lightning_lip.functional.stability import adam_preconditioner, is_preconditioned, stability_threshold
 from lightning_lip.registry import LipRegistry
 
@@ -339,10 +339,11 @@ class HessianEigenMonitor(Callback):
         """A checkpoint's probe, its leaves put back into the structure of ``batch``: the checkpoint keeps leaves
         only, so that batch classes (named tuples, dataclasses, a tokenizer's ``BatchEncoding``) load with
         ``torch.load(weights_only=True)``. A probe that does not fit is collected anew."""
-        leaves, spec = tree_flatten(batch)
+        tree, rebuild = batch_tree(batch)
+        leaves, spec = tree_flatten(tree)
         stored, self._probe_leaves = self._probe_leaves, []
         if all(len(p) == len(leaves) for p in stored):
-            return [tree_unflatten(p, spec) for p in stored]
+            return [rebuild(tree_unflatten(p, spec)) for p in stored]
         self._warn(
             "probe",
             f"{type(self).__name__}: the checkpoint's probe does not fit this run's batches; a new one is collected.",
@@ -357,7 +358,7 @@ class HessianEigenMonitor(Callback):
             "n_skipped": self.n_skipped,
             "last_step": self._last_step,
             "eigenvector": self._eigenvector.cpu() if self._eigenvector is not None else None,
-            "probe_leaves": [tree_flatten(b)[0] for b in self._probe] or self._probe_leaves,
+            "probe_leaves": [tree_flatten(batch_tree(b)[0])[0] for b in self._probe] or self._probe_leaves,
             "probe_size": self._probe_size,
             "generator": self._generator.get_state(),
         }

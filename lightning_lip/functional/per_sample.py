@@ -4,8 +4,9 @@ Each sample is fed as a batch of one, so ``loss_fn`` is the user's mean-loss fun
 called through ``functional_call`` (its parameters are never touched, no ``.backward()`` runs). A BatchNorm in
 training mode couples the samples of a batch, so it has no per-sample gradient: it must be in eval mode. Random
 draws in the loss (noise augmentation, dropout in training mode) are independent between samples, as they are in
-a batch. Batches may hold more than tensors (file names, metadata): only tensors whose leading dimension is the
-batch size are split into samples; everything else reaches ``loss_fn`` whole.
+a batch. Batches may hold more than tensors (file names, metadata) in any containers (see
+:mod:`~lightning_lip.functional.batch`): only tensors whose leading dimension is the batch size are split into
+samples; everything else reaches ``loss_fn`` whole.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils._pytree import tree_map
 
 from lightning_lip.functional._stateless import LossFn, stateless_loss, trainable_parameters
+from lightning_lip.functional.batch import batch_size, batch_tree, sample_dims, slice_tree
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
 
@@ -33,8 +35,8 @@ def per_sample_grads(
     Args:
         module: the model; BatchNorm layers must be in eval mode (running statistics).
         loss_fn: ``loss_fn(module, batch) -> scalar`` mean loss of a batch; called on batches of one sample.
-        batch: a tensor or a (nested) tuple/list/dict holding tensors whose leading dimension ``B`` indexes samples
-            (see :func:`batch_size`); other entries are passed whole to every sample's loss.
+        batch: a tensor, or containers holding tensors whose leading dimension ``B`` indexes samples (see
+            :mod:`~lightning_lip.functional.batch`); other entries are passed whole to every sample's loss.
         params: ``{name: tensor}`` to differentiate, default the trainable parameters; others stay fixed.
         chunk_size: samples processed at once by ``vmap``: bounds the memory of the intermediates (the output,
             ``B`` x the parameters, is allocated once); ``None``: all ``B`` at once.
@@ -57,20 +59,21 @@ def per_sample_grads(
     params = trainable_parameters(module) if params is None else params
     loss = stateless_loss(module, loss_fn)
     n = batch_size(batch)
-    dims = tree_map(lambda t: 0 if _is_batched(t, n) else None, batch)
+    tree, rebuild = batch_tree(batch)
+    dims = sample_dims(tree, n)
 
     def sample_loss(p: dict[str, Tensor], sample: Any) -> Tensor:
-        return loss(p, tree_map(lambda t, dim: t if dim is None else t.unsqueeze(0), sample, dims))
+        return loss(p, rebuild(tree_map(lambda t, dim: t if dim is None else t.unsqueeze(0), sample, dims)))
 
     grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, dims), randomness="different")
     step = n if chunk_size is None else chunk_size
     try:
         if step >= n:
-            return grads(params, batch)
+            return grads(params, tree)
         # chunks written into the output in place: vmap's own chunking concatenates, holding the output twice
         out = {name: p.new_empty(n, *p.shape) for name, p in params.items()}
         for start in range(0, n, step):
-            part = grads(params, slice_batch(batch, start, start + step))
+            part = grads(params, slice_tree(tree, dims, start, start + step))
             for name, g in part.items():
                 out[name][start : start + step] = g
         return out
@@ -81,26 +84,3 @@ def per_sample_grads(
             f"Per-sample gradients ran out of memory ({error}). Pass a smaller `chunk_size` (now {chunk_size}) "
             "or fewer samples."
         ) from error
-
-
-def batch_size(batch: Any) -> int:
-    """The number of samples ``B`` in ``batch``: the leading dimension of its first tensor with one (a tensor or
-    nested tuples, lists and dicts; other entries, such as file names, are ignored)."""
-    sizes = (t.shape[0] for t in tree_leaves(batch) if isinstance(t, Tensor) and t.dim() > 0)
-    size = next(sizes, None)
-    if size is None:
-        raise ValueError(
-            f"Cannot tell the batch size of a {type(batch).__name__}: it holds no tensor with a dimension."
-        )
-    return size
-
-
-def slice_batch(batch: Any, start: int, stop: int) -> Any:
-    """Samples ``start:stop`` of ``batch``: its tensors whose leading dimension is the batch size are sliced, all
-    other entries kept whole."""
-    n = batch_size(batch)
-    return tree_map(lambda t: t[start:stop] if _is_batched(t, n) else t, batch)
-
-
-def _is_batched(leaf: Any, n: int) -> bool:
-    return isinstance(leaf, Tensor) and leaf.dim() > 0 and leaf.shape[0] == n
