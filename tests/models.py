@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import UserDict
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +53,14 @@ class Classifier(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+
+
+class Encoding(UserDict):
+    """A mapping with an attribute of its own, like a tokenizer's ``BatchEncoding``."""
+
+    def __init__(self, data=None, source=None):
+        super().__init__(data)
+        self.source = source
 
 
 class NoisyInputs:

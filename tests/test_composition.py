@@ -3,7 +3,7 @@ optimization, evaluation stages, DDP, every documented tag."""
 
 import dataclasses
 import math
-from collections import UserDict, namedtuple
+from collections import namedtuple
 from collections.abc import Mapping
 
 import pytest
@@ -20,7 +20,7 @@ from lightning_lip import (
     KappaBudgetProjection,
     LipRegistry,
 )
-from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, Encoding, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_operator_norm
 
 
@@ -34,14 +34,6 @@ def four(**noise):
 
 
 Sample = namedtuple("Sample", "x y")
-
-
-class Encoding(UserDict):
-    """A mapping with attributes of its own, like a tokenizer's ``BatchEncoding``."""
-
-    def __init__(self, data=None, source=None):
-        super().__init__(data)
-        self.source = source
 
 
 @dataclasses.dataclass

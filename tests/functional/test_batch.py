@@ -1,21 +1,14 @@
 import dataclasses
-from collections import OrderedDict, UserDict, defaultdict, namedtuple
+from collections import OrderedDict, defaultdict, namedtuple
 
 import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
 from lightning_lip.functional.batch import batch_size, batch_tree, slice_batch
+from tests.models import Encoding
 
 Pair = namedtuple("Pair", "x y")
-
-
-class Encoding(UserDict):
-    """A mapping with an attribute of its own, like a tokenizer's ``BatchEncoding``."""
-
-    def __init__(self, data=None, source=None):
-        super().__init__(data)
-        self.source = source
 
 
 @dataclasses.dataclass
