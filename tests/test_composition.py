@@ -3,6 +3,7 @@ optimization, evaluation stages, DDP, every documented tag."""
 
 import dataclasses
 import math
+import pickle
 from collections import namedtuple
 from collections.abc import Mapping
 
@@ -73,11 +74,11 @@ def collate(container):
     return to
 
 
-def run(tmp_path, callbacks, max_epochs=2, ckpt=None, container="tuple", **kw):
+def run(tmp_path, callbacks, max_epochs=2, ckpt=None, container="tuple", channels=1, model=None, **kw):
     torch.manual_seed(0)
-    model = Unwrapping(cnn(), lr=2.0, momentum=0.5)  # large enough for the controller to cut
+    model = model or Unwrapping(cnn(channels), lr=2.0, momentum=0.5)  # large enough for the controller to cut
     trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=max_epochs, **kw))
-    data = DataLoader(random_data(64, (1, 8, 8)), batch_size=16, collate_fn=collate(container))
+    data = DataLoader(random_data(64, (channels, 8, 8)), batch_size=16, collate_fn=collate(container))
     trainer.fit(model, data, ckpt_path=ckpt)
     return trainer, model
 
@@ -147,6 +148,31 @@ def test_a_checkpoints_probe_that_does_not_fit_the_resumed_batches_is_collected_
     monitor = second[1]
     assert all(isinstance(b, dict) for b in monitor._probe) and monitor._probe_size == 32
     assert monitor.n_runs == first[1].n_runs + 2
+
+
+def test_a_fit_on_another_module_starts_afresh(tmp_path):
+    """Callbacks reused for another network (other shapes under the same layer names) crashed on the first fit's
+    pending prediction, probe and warm vectors; they now take the decisions new callbacks take. So do copies pickled
+    after a fit (as ``ddp_spawn`` sends them), which forget the module."""
+    reused, new = four(), four()
+    run(tmp_path, reused, max_epochs=1)
+    copies = pickle.loads(pickle.dumps(reused))
+    expected = summary(*run(tmp_path, new, channels=3), new)
+    assert_same(summary(*run(tmp_path, reused, channels=3), reused), expected)
+    assert_same(summary(*run(tmp_path, copies, channels=3), copies), expected)
+
+
+def test_a_second_fit_of_the_same_module_continues(tmp_path):
+    """A fit that continues the same module (a new Trainer, no checkpoint) keeps the callbacks' state: the counters,
+    the probe and the throttle go on."""
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    _, model = run(tmp_path, callbacks, max_epochs=1)
+    probe, cuts = monitor._probe, controller.states[0].n_cuts
+    assert (kappa.n_projections, monitor.n_runs, noise.n_runs) == (4, 2, 2) and cuts > 0
+    run(tmp_path, callbacks, max_epochs=1, model=model)
+    assert (kappa.n_projections, monitor.n_runs, noise.n_runs) == (8, 4, 4) and monitor._probe is probe
+    assert controller.states[0].n_cuts >= cuts
 
 
 def test_gradient_accumulation(tmp_path):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from typing import Any
@@ -32,6 +33,27 @@ def _generator_from_state(state: bytes) -> SpawnSafeGenerator:
     generator = SpawnSafeGenerator()
     generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
     return generator
+
+
+class BoundModule:
+    """The LightningModule whose training a callback's state describes. A fit on another module starts from fresh
+    state (the state of a different network would not fit it); a fit that continues the same module keeps it.
+
+    Holds the module weakly; a copy pickled into a spawned process (``strategy="ddp_spawn"``) forgets it, so that
+    the module copy there counts as another one once a module has been bound."""
+
+    def __init__(self) -> None:
+        self._ref: weakref.ref[nn.Module] | None = None
+        self._bound = False
+
+    def bind(self, module: nn.Module, start_afresh: Callable[[], None]) -> None:
+        """Bind ``module``, calling ``start_afresh`` first if another module was bound before."""
+        if self._bound and (self._ref is None or self._ref() is not module):
+            start_afresh()
+        self._ref, self._bound = weakref.ref(module), True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_ref": None, "_bound": self._bound}
 
 
 class WarnOnce:
@@ -163,18 +185,22 @@ class TimeBudget:
     The callback reports each stretch of its own work with :meth:`spend`; :meth:`allows` says whether one more
     measurement, assumed to cost as much as the last one (with its follow-ups), keeps
     ``own <= fraction * (wall - own)``, the overhead a side-by-side timing would show. Wall time runs from
-    :meth:`start` and adds up over resumed runs through the state dict.
+    :meth:`start` to :meth:`stop` and adds up over the fits of one module and over resumed runs through the state
+    dict.
     """
 
     def __init__(self, fraction: float) -> None:
         self.fraction = fraction
         self.own = 0.0  # seconds spent by the callback
         self.last_cost = 0.0  # seconds of the last measurement and its follow-ups
-        self._wall_before = 0.0  # wall seconds of earlier (checkpointed) runs
+        self._wall_before = 0.0  # wall seconds of earlier fits and (checkpointed) runs
         self._start: float | None = None
 
     def start(self, now: float) -> None:
         self._start = now
+
+    def stop(self, now: float) -> None:
+        self._wall_before, self._start = self.wall(now), None
 
     def wall(self, now: float) -> float:
         return self._wall_before + (0.0 if self._start is None else now - self._start)

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    BoundModule,
     LayerShapes,
     SpawnSafeGenerator,
     TimeBudget,
@@ -144,22 +145,27 @@ class GradientNoiseEstimator(Callback):
         self.k = k
         self.predict = predict
 
+        self._layers: dict[str, nn.Module] = {}
+        self._handles: list[Any] = []
+        self._registry: LipRegistry | None = None  # the fit's, for singular vectors a projection publishes
+        self._module = BoundModule()
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """The state of a new training run."""
         self.n_runs = 0
         self.n_skipped = 0
         self.failure: str | None = None  # why measurements stopped: torch.func cannot differentiate the model
         self._stepped: tuple[int, int] | None = None  # (global step, optimizer) of the last optimizer step seen
         self.last: dict[str, float] = {}
-        self._layers: dict[str, nn.Module] = {}
         self._batch: Any = None
         self._sample: dict[str, tuple[Tensor, Tensor]] | None = None  # (mean, centred) kept for the next prediction
         self._expected: dict[str, Any] | None = None
         self._pending: dict[str, float] = {}
-        self._handles: list[Any] = []
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}  # conv layers' top right singular vectors, warm starts
         self._generator = SpawnSafeGenerator().manual_seed(0)  # Lanczos start noise: the global RNG stays untouched
-        self._trainer: Trainer | None = None
-        self._budget = TimeBudget(max_overhead)
+        self._budget = TimeBudget(self.max_overhead)
         self._warn = WarnOnce()
 
     @property
@@ -181,6 +187,7 @@ class GradientNoiseEstimator(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._module.bind(pl_module, self._start_afresh)
         check_loss_source(pl_module, type(self).__name__)
         modules = dict(pl_module.named_modules())
         if self.layers is not None:
@@ -202,7 +209,7 @@ class GradientNoiseEstimator(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._trainer = trainer
+        self._registry = LipRegistry.of(trainer)
         self._stepped = None
         write_tensorboard_layout(trainer)
         for optimizer in trainer.optimizers:
@@ -424,7 +431,7 @@ class GradientNoiseEstimator(Callback):
         operator = self._shapes.operator(name, layer, weight=layer.weight.detach().double())
         warm = self._vectors.get(name)
         if warm is None:
-            published = LipRegistry.of(self._trainer).get(f"kappa/singular_vectors/{name}")
+            published = self._registry.get(f"kappa/singular_vectors/{name}")
             warm = None if published is None else published[1]
         start = random_start(
             self._shapes.input_shape(name, layer), torch.zeros((), dtype=torch.float64), self._generator
@@ -479,6 +486,8 @@ class GradientNoiseEstimator(Callback):
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
+        if stage == "fit":
+            self._budget.stop(time.perf_counter())
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:

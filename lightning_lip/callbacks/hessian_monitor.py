@@ -22,6 +22,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    BoundModule,
     SpawnSafeGenerator,
     WarnOnce,
     check_choice,
@@ -143,6 +144,11 @@ class HessianEigenMonitor(Callback):
         self.density_vectors = density_vectors
         self.converge_min = converge_min
 
+        self._module = BoundModule()
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """The state of a new training run."""
         self.n_runs = 0
         self.n_skipped = 0
         self.failure: str | None = None  # why measurements stopped: torch.func cannot differentiate the model
@@ -167,6 +173,7 @@ class HessianEigenMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
+            self._module.bind(pl_module, self._start_afresh)
             check_loss_source(pl_module, type(self).__name__)
 
     @override

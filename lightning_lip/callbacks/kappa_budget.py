@@ -23,6 +23,7 @@ from torch.nn.utils import parametrize
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    BoundModule,
     LayerShapes,
     SpawnSafeGenerator,
     WarnOnce,
@@ -154,9 +155,15 @@ class KappaBudgetProjection(Callback):
         self.audit_max_iterations = audit_max_iterations
         self.log_per_layer = log_per_layer
 
-        self.n_projections = 0
         self._layers: dict[str, nn.Module] = {}
         self._weight_params: dict[str, list[Tensor]] = {}
+        self._handles: list[Any] = []
+        self._module = BoundModule()
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """The state of a new training run."""
+        self.n_projections = 0
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}
         self._left_vectors: dict[str, Tensor] = {}
@@ -165,7 +172,6 @@ class KappaBudgetProjection(Callback):
         self._n_skipped = 0
         self._unscalable: set[str] = set()
         self._generator = SpawnSafeGenerator().manual_seed(0)
-        self._handles: list[Any] = []
         self._pending: dict[str, float] | None = None
         self._warn = WarnOnce()
 
@@ -198,6 +204,7 @@ class KappaBudgetProjection(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._module.bind(pl_module, self._start_afresh)
         self._layers, excluded = self._find_layers(pl_module)
         if excluded:
             message = (

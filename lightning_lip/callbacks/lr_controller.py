@@ -21,6 +21,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    BoundModule,
     WarnOnce,
     check_choice,
     check_fraction,
@@ -186,6 +187,12 @@ class CurvatureLRController(Callback):
         self.probe_iterations = probe_iterations
         self.probe_samples = probe_samples
 
+        self._handles: list[Any] = []
+        self._module = BoundModule()
+        self._start_afresh()
+
+    def _start_afresh(self) -> None:
+        """The state of a new training run."""
         self.states: list[ThrottleState] = []
         self._probe: HessianEigenMonitor | None = None
         self._bootstrapped = False
@@ -200,7 +207,6 @@ class CurvatureLRController(Callback):
         self.loss_ema: float | None = None
         self.n_spikes = 0
         self._logged_counts: tuple[dict[str, float], int] | None = None  # the event counters last logged, epoch
-        self._handles: list[Any] = []
         self._warn = WarnOnce()
 
     @property
@@ -241,6 +247,7 @@ class CurvatureLRController(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._module.bind(pl_module, self._start_afresh)
         check_loss_source(pl_module, type(self).__name__)  # the first measurement is its own (and maybe the probe)
         monitors = [c for c in trainer.callbacks if isinstance(c, HessianEigenMonitor)]
         if self.signal == "hessian" and not monitors:

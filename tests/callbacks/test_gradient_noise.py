@@ -395,6 +395,9 @@ def test_time_budget_keeps_own_time_within_the_fraction_of_training_time():
     resumed.load_state_dict(budget.state_dict(130.0))
     resumed.start(0.0)
     assert not resumed.allows(32.9) and resumed.allows(33.0)  # 30 s before the checkpoint count
+    resumed.stop(10.0)  # a fit ends; the next fit of the same module adds its time to the 40 s so far
+    resumed.start(1000.0)
+    assert resumed.wall(1005.0) == 45.0 and not resumed.allows(1022.9) and resumed.allows(1023.0)
 
 
 @pytest.mark.parametrize(("max_overhead", "steps"), [(1e-9, [10]), (1.0, [10, 20, 30, 40, 50, 60])])
