@@ -226,8 +226,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--amortized-steps", type=int, default=1000)
+    parser.add_argument("--amortized-steps", type=int, default=1000, help="0 skips the amortized part")
     args = parser.parse_args()
     overhead(args)
-    amortized(args)
+    if args.amortized_steps > 0:
+        amortized(args)
     spectral_norm_comparison()

@@ -55,17 +55,19 @@ class HessianEigenMonitor(Callback):
     training samples seen, kept for the whole run; ``"current"``: the current batch) with ``torch.func`` on the
     unwrapped module, and runs Lanczos warm-started from the previous top eigenvector mixed with noise, cold every
     ``cold_every_n_runs`` runs so that a warm start cannot lock onto a stale direction. For Adam/AdamW the
-    operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}` that governs Adam's stability.
+    operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}` that governs Adam's stability, on the
+    coordinates with a gradient (:func:`~lightning_lip.functional.stability.adam_preconditioner`).
 
     The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
     ``training_step(batch, 0)`` with logging muted (``lip_loss`` is required with manual optimization). Dropout is
-    off during the measurement; BatchNorm uses its running statistics (``bn_mode="eval"``) or the probe batch's
-    statistics (``"train"``). A loss that draws random numbers (noise augmentation in ``training_step``) is
-    measured at one draw: every product replays torch's random state (one symmetric operator). Training is left
-    bit-identical: ``model.training``, ``.grad``, buffers and the RNG state are restored, no ``.backward()`` runs.
-    If ``torch.func`` cannot differentiate the model (activation checkpointing, an ``autograd.Function`` without
-    ``setup_context``) the callback warns once and stops measuring, with the reason in :attr:`failure`. Under DDP
-    the products are averaged over ranks (weighted by probe size), so every rank gets the same result.
+    off during the measurement; BatchNorm uses the probe batch's statistics, as training does (``bn_mode="train"``),
+    or its running statistics (``"eval"``). A loss that draws random numbers (noise augmentation in
+    ``training_step``) is measured at one draw: every product replays torch's random state (one symmetric
+    operator). Training is left bit-identical: ``model.training``, ``.grad``, buffers and the RNG state are
+    restored, no ``.backward()`` runs. If ``torch.func`` cannot differentiate the model (activation checkpointing,
+    an ``autograd.Function`` without ``setup_context``) the callback warns once and stops measuring, with the reason
+    in :attr:`failure`. Under DDP the products are averaged over ranks (weighted by probe size), so every rank gets
+    the same result.
 
     Logged: ``lip/hessian/lambda_max``, ``lambda_min``, ``residual``, ``n_hvp``, ``seconds``, ``eta_lambda_max``
     (:math:`\eta\lambda_{max}`), ``threshold`` and ``stability_ratio`` (their quotient, unstable above 1). With a
@@ -83,7 +85,8 @@ class HessianEigenMonitor(Callback):
             from a warm start, ``<= tol / 100`` from a cold one), ``> 0``.
         data: ``"fixed"`` probe set or ``"current"`` batch.
         num_samples: size of the fixed probe set.
-        bn_mode: ``"eval"`` or ``"train"`` BatchNorm statistics during the measurement.
+        bn_mode: ``"train"`` (the probe batch's) or ``"eval"`` (running) BatchNorm statistics during the
+            measurement.
         warm_mix: weight of fresh noise mixed into the warm start, ``>= 0``.
         cold_every_n_runs: start cold every this many runs (``0``: only the first).
         density: also estimate the spectral density by stochastic Lanczos quadrature (``density_vectors`` x
@@ -114,7 +117,7 @@ class HessianEigenMonitor(Callback):
         tol: float = 1e-3,
         data: str = "fixed",
         num_samples: int = 256,
-        bn_mode: str = "eval",
+        bn_mode: str = "train",
         warm_mix: float = 0.1,
         cold_every_n_runs: int = 10,
         density: bool = False,

@@ -38,7 +38,11 @@ def is_preconditioned(optimizer: torch.optim.Optimizer) -> bool:
 
 def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Tensor | None:
     r"""Flat :math:`P^{-1/2} = (\sqrt{\hat v} + \epsilon)^{-1/2}` over ``params``, or ``None`` before Adam's first
-    step (no second moment yet). Parameters the optimizer does not hold get 0 (they do not move)."""
+    step (no second moment yet). Parameters the optimizer does not hold get 0 (they do not move), and so do
+    coordinates whose gradient has stayed below Adam's resolution, :math:`\sqrt{\hat v} \le \epsilon` (a bias
+    before a BatchNorm, the weights of a dead unit): a perturbation would raise :math:`\hat v` with the gradient it
+    causes, so Adam takes sign-like steps of size :math:`\sim\eta` there, bounded, not the linear map of a frozen
+    :math:`P`, whose :math:`1/\epsilon` would otherwise swamp :math:`\lambda_{max}` with rounding noise."""
     parts = []
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for p in params:
@@ -49,7 +53,9 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) 
             continue
         if "exp_avg_sq" not in state:
             return None
-        parts.append(_adam_denominator(state, group).rsqrt().reshape(-1))
+        denominator = _adam_denominator(state, group)
+        seen = denominator > 2 * group["eps"]  # sqrt(v_hat) > eps
+        parts.append(torch.where(seen, denominator, torch.inf).rsqrt().reshape(-1))
     return torch.cat(parts)
 
 

@@ -186,6 +186,38 @@ def test_adam_uses_preconditioned_hessian(tmp_path):
     assert monitor.last["lip/hessian/threshold"] == pytest.approx(38.0)
 
 
+class AdamBatchNorm(AdamClassifier):
+    def __init__(self):
+        super().__init__(nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU(), nn.Linear(10, 3)).double())
+
+
+def test_adam_with_batchnorm_measures_the_hessian_the_optimizer_descends(tmp_path):
+    """By default BatchNorm uses the probe batch's statistics, as in training, and coordinates whose gradient RMS
+    stays at or below Adam's eps are left out. The bias before the BatchNorm gets no gradient in training but has
+    curvature under running statistics: with the former default (``bn_mode="eval"``, every coordinate) its
+    ``1/eps`` made lambda_max ~1e7 times larger, and the controller throttled such networks to ``s_min``."""
+    model = AdamBatchNorm()
+    monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16)
+    trainer = fit(tmp_path, model, random_data(16, (6,), classes=3), [monitor], max_epochs=2)
+    opt = trainer.optimizers[0]
+    rms = torch.cat(
+        [
+            (opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).sqrt().reshape(-1)
+            for p in model.parameters()
+        ]
+    )
+    assert (rms[60:70] <= 1e-8).all() and (rms[:60] > 1e-8).all() and (rms[70:] > 1e-8).all()  # net.0.bias only
+    p_inv_sqrt = torch.where(rms > 1e-8, (rms + 1e-8).rsqrt(), torch.zeros(()))
+    xs, ys = probe_tensors(monitor)
+    net = model.net.train()
+    H = dense_hessian(net, F.cross_entropy, xs.double(), ys)
+    exact = torch.linalg.eigvalsh(p_inv_sqrt[:, None] * H * p_inv_sqrt[None, :])[-1].item()
+    assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(exact, rel=1e-6)
+    p_all = (rms + 1e-8).rsqrt()
+    H_eval = dense_hessian(net.eval(), F.cross_entropy, xs.double(), ys)
+    assert torch.linalg.eigvalsh(p_all[:, None] * H_eval * p_all[None, :])[-1].item() > 1e5 * exact
+
+
 class NaNAtStep(Classifier):
     """Its loss is NaN while the monitor measures (logging muted), finite for training."""
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_lip.functional.stability import linear_step, stability_threshold
+from lightning_lip.functional.stability import adam_preconditioner, linear_step, stability_threshold
 
 
 def run_quadratic(make_optimizer, lam, steps=3000):
@@ -99,3 +99,37 @@ def test_adam_threshold_on_the_preconditioned_quadratic(beta1):
     threshold = stability_threshold(opt, opt.param_groups[0])  # on lr * lambda / (sqrt(v_hat) + eps)
     assert run_adam_frozen(0.99 * threshold, beta1) < 1e-3
     assert run_adam_frozen(1.01 * threshold, beta1) == float("inf")
+
+
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_adam_preconditioner_leaves_out_coordinates_below_eps(eps):
+    p = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    q = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # not in the optimizer: does not move
+    adam = torch.optim.Adam([p], eps=eps)
+    assert adam_preconditioner(adam, [p, q]) is None  # before the first step
+    rms = torch.tensor([0.0, 0.5 * eps, eps, 2 * eps + 1e-9, 1.0], dtype=torch.float64)  # sqrt(v_hat)
+    step = 10
+    adam.state[p] = {"step": torch.tensor(float(step)), "exp_avg_sq": rms**2 * (1 - 0.999**step)}
+    expected = torch.where(rms > eps, (rms + eps).rsqrt(), torch.zeros(()))
+    torch.testing.assert_close(
+        adam_preconditioner(adam, [p, q]),
+        torch.cat([expected, torch.zeros(2, dtype=torch.float64)]),
+        rtol=1e-12,
+        atol=0,
+    )
+
+
+def test_adam_on_a_coordinate_without_gradient_history_stays_bounded():
+    """Why those coordinates are left out: with v = 0 a frozen preconditioner 1/eps puts lr * h / eps at 2.6e7 times
+    the threshold, yet the real Adam, whose v follows the gradient the perturbation causes, stays within a few lr."""
+    lr, h = 1e-3, 1e4
+    theta = torch.nn.Parameter(torch.full((1,), 1e-12, dtype=torch.float64))
+    adam = torch.optim.Adam([theta], lr=lr)
+    largest = 0.0
+    for _ in range(3000):
+        adam.zero_grad()
+        (0.5 * h * theta**2).sum().backward()
+        adam.step()
+        largest = max(largest, theta.abs().item())
+    assert lr * h / 1e-8 / stability_threshold(adam, adam.param_groups[0]) > 1e7
+    assert largest < lr
