@@ -33,6 +33,18 @@ def cnn(channels: int = 1, classes: int = 4, padding_mode: str = "circular") -> 
     )
 
 
+class TinyTransformer(nn.Module):
+    """One ``nn.TransformerEncoderLayer`` (scaled dot-product attention) and a linear head, for ``[B, 5, 8]``."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(x).mean(1))
+
+
 class Classifier(LightningModule):
     """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional)."""
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def dense_operator(module: nn.Module, input_shape: tuple[int, ...]) -> Tensor:
@@ -45,7 +46,8 @@ def _float64_copy(module: nn.Module) -> nn.Module:
 
 def dense_hessian(module: nn.Module, loss_of_output, inputs: Tensor, targets: Tensor) -> Tensor:
     """Exact Hessian ``[P, P]`` of ``loss_of_output(module(inputs), targets)`` w.r.t. the trainable parameters, by
-    ``torch.autograd.functional.hessian`` on a flat parameter vector (parameter order of ``named_parameters``)."""
+    ``torch.autograd.functional.hessian`` on a flat parameter vector (parameter order of ``named_parameters``);
+    attention runs on its math backend, the only one with a double backward."""
     names = [n for n, p in module.named_parameters() if p.requires_grad]
     shapes = [p.shape for n, p in module.named_parameters() if p.requires_grad]
     flat = torch.cat([p.detach().reshape(-1) for n, p in module.named_parameters() if p.requires_grad])
@@ -58,4 +60,5 @@ def dense_hessian(module: nn.Module, loss_of_output, inputs: Tensor, targets: Te
             offset += n
         return loss_of_output(torch.func.functional_call(module, params, (inputs,)), targets)
 
-    return torch.autograd.functional.hessian(f, flat)
+    with sdpa_kernel(SDPBackend.MATH):
+        return torch.autograd.functional.hessian(f, flat)

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
 from torch.overrides import TorchFunctionMode
@@ -25,7 +26,9 @@ def stateless_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[dict[str, Te
 
     Parameters not in ``params`` keep their values. Buffers are passed as fresh copies on every call, so that a
     train-mode BatchNorm cannot update the module's running statistics. Weight normalization runs as primitive ops
-    (see :class:`_DecomposedWeightNorm`).
+    (see :class:`_DecomposedWeightNorm`), and scaled dot-product attention (``nn.MultiheadAttention``,
+    ``nn.Transformer*``) on its math backend: the fused kernels (flash, memory-efficient) have no double backward or
+    forward-mode formula, so Hessian-vector products through them fail, and no ``vmap`` batching rule.
     """
     call = _LossCall(module, loss_fn)
     buffers = {f"module.{name}": b.detach() for name, b in module.named_buffers()}
@@ -33,7 +36,7 @@ def stateless_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[dict[str, Te
 
     def loss(params: dict[str, Tensor], batch: Any) -> Tensor:
         state = {f"module.{n}": p for n, p in params.items()} | {k: b.clone() for k, b in buffers.items()}
-        with weight_norm():
+        with weight_norm(), sdpa_kernel(SDPBackend.MATH):
             return torch.func.functional_call(call, state, (batch,))
 
     return loss

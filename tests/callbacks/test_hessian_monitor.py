@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_lip import HessianEigenMonitor, LipRegistry
-from tests.models import Classifier, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, NoisyInputs, TinyTransformer, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_hessian
 
 
@@ -34,11 +34,16 @@ def probe_tensors(monitor):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "transformer"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
     torch.manual_seed(seed)
-    net, shape = (mlp((8, 12, 12, 4)), (8,)) if arch == "mlp" else (cnn(), (1, 8, 8))
+    net, shape = {
+        "mlp": (lambda: mlp((8, 12, 12, 4)), (8,)),
+        "cnn": (cnn, (1, 8, 8)),
+        "transformer": (lambda: TinyTransformer(classes=4), (5, 8)),
+    }[arch]
+    net = net()
     model = Float64Classifier(net.to(dtype), lr=0.1) if dtype == torch.float64 else Classifier(net, lr=0.1)
     tol = 1e-6 if dtype == torch.float64 else 1e-4
     monitor = HessianEigenMonitor(every_n_steps=2, max_iter=400, tol=tol, num_samples=32, converge_min=True)

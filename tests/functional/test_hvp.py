@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_lip.functional.hvp import flatten, hvp_operator, trainable_parameters, unflatten
 from lightning_lip.functional.lanczos import lanczos
-from tests.models import cnn, mlp
+from tests.models import TinyTransformer, cnn, mlp
 from tests.reference import dense_hessian
 
 
@@ -15,8 +15,14 @@ def ce(module, batch):
     return F.cross_entropy(module(batch[0]), batch[1])
 
 
-@pytest.mark.parametrize(("make", "shape"), [(lambda: mlp((6, 10, 10, 3)), (6,)), (lambda: cnn(classes=3), (1, 8, 8))])
+@pytest.mark.parametrize(
+    ("make", "shape"),
+    [(lambda: mlp((6, 10, 10, 3)), (6,)), (lambda: cnn(classes=3), (1, 8, 8)), (TinyTransformer, (5, 8))],
+    ids=["mlp", "cnn", "transformer"],
+)
 def test_hvp_equals_dense_hessian_with_weighted_batches(make, shape):
+    """Also through ``nn.TransformerEncoderLayer``, whose fused attention kernel has no second derivative: the
+    products run attention on its math backend (they failed with "derivative ... not implemented")."""
     net = make().double()
     x, y = torch.randn(20, *shape, dtype=torch.float64), torch.randint(0, 3, (20,))
     H = dense_hessian(net, F.cross_entropy, x, y)

@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -5,22 +7,12 @@ from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
 from lightning_lip.functional.per_sample import per_sample_grads
-from tests.models import cnn, mlp
+from tests.models import TinyTransformer, cnn, mlp
 
 
 def ce(module, batch):
     x, y = batch
     return F.cross_entropy(module(x), y)
-
-
-class TinyTransformer(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = nn.TransformerEncoderLayer(d_model=8, nhead=2, dim_feedforward=16, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(self.block(x).mean(1))
 
 
 def loop_grads(module, batch):
@@ -48,7 +40,9 @@ def test_equals_python_loop_float64(case):
     module = make().double().eval()
     x = torch.randn(7, *shape, dtype=torch.float64)
     y = torch.randint(0, 3, (7,))
-    got = per_sample_grads(module, ce, (x, y))
+    with warnings.catch_warnings():  # attention on its math backend: no "batching rule not implemented" fallback
+        warnings.simplefilter("error")
+        got = per_sample_grads(module, ce, (x, y))
     chunked = per_sample_grads(module, ce, (x, y), chunk_size=3)
     assert all(p.grad is None for p in module.parameters())  # .grad untouched
     expected = loop_grads(module, (x, y))
