@@ -7,6 +7,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import partial
+from types import MethodType
 from typing import Any
 
 import lightning.pytorch as pl
@@ -294,18 +295,25 @@ def module_loss(pl_module: pl.LightningModule) -> LossFn:
 @contextmanager
 def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = False) -> Iterator[None]:
     """Eval mode (dropout off, BatchNorm on running statistics unless ``batch_norm_train``) and ``log`` muted;
-    every module's ``training`` flag is restored afterwards."""
+    every module's ``training`` flag is restored afterwards. With ``batch_norm_train`` a ``SyncBatchNorm`` takes
+    its rank's own batch statistics: it synchronizes them in an ``autograd.Function`` that ``torch.func`` cannot
+    transform."""
     modes = {m: m.training for m in pl_module.modules()}
     pl_module.eval()
-    if batch_norm_train:
-        for m in pl_module.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.train()
+    synced = []
+    for m in pl_module.modules() if batch_norm_train else ():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+        if isinstance(m, nn.SyncBatchNorm):
+            m.forward = MethodType(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
+            synced.append(m)
     pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
     try:
         yield
     finally:
         del pl_module.log, pl_module.log_dict
+        for m in synced:
+            del m.forward
         for m, training in modes.items():
             m.training = training
 

@@ -9,6 +9,8 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_lip import HessianEigenMonitor, LipRegistry
+from lightning_lip.callbacks._common import measurement_mode, module_loss
+from lightning_lip.functional.hvp import hvp_operator
 from tests.models import Classifier, NoisyInputs, TinyTransformer, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_hessian
 
@@ -122,6 +124,28 @@ def test_batchnorm_and_dropout_against_dense(tmp_path, bn_mode):
     xs, ys = probe_tensors(monitor)
     H = dense_hessian(reference, F.cross_entropy, xs, ys)
     assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(torch.linalg.eigvalsh(H)[-1].item(), rel=1e-7)
+
+
+def test_sync_batchnorm_is_measured_on_its_ranks_batch_statistics(monkeypatch):
+    """Under DDP a training-mode ``SyncBatchNorm`` synchronizes its statistics in an ``autograd.Function`` that
+    ``torch.func`` cannot transform (on GPUs; on CPUs it refuses to run). The measurement gives it the rank's own
+    batch statistics: the loss and its Hessian-vector products of a plain BatchNorm."""
+    torch.manual_seed(0)
+    synced = BNDropout().double()
+    synced.net[1] = nn.SyncBatchNorm.convert_sync_batchnorm(synced.net[1])
+    plain = BNDropout().double()
+    plain.load_state_dict(synced.state_dict())
+    x, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)  # the synchronizing branch
+    with pytest.raises(ValueError, match="SyncBatchNorm expected input tensor to be on GPU"):
+        synced.train().net(x)
+    v = torch.randn(sum(p.numel() for p in plain.parameters()), dtype=torch.float64)
+    products = []
+    for model in (synced, plain):
+        with measurement_mode(model, batch_norm_train=True):
+            products.append(hvp_operator(model, module_loss(model), [(x, y)])(v))
+    assert torch.equal(products[0], products[1])
+    assert "forward" not in vars(synced.net[1]) and synced.training  # restored
 
 
 class NoisyBNDropout(NoisyInputs, BNDropout):
