@@ -8,7 +8,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
-from lightning_lip import HessianEigenMonitor, LipRegistry
+from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
 from lightning_lip.callbacks._common import measurement_mode, module_loss
 from lightning_lip.functional.hvp import hvp_operator
 from tests.models import Classifier, NoisyInputs, TinyTransformer, cnn, loader, mlp, random_data, trainer_kwargs
@@ -224,7 +224,7 @@ def test_adam_with_batchnorm_measures_the_hessian_the_optimizer_descends(tmp_pat
     """By default BatchNorm uses the probe batch's statistics, as in training, and coordinates whose gradient RMS
     stays at or below Adam's eps are left out. The bias before the BatchNorm gets no gradient in training but has
     curvature under running statistics: with the former default (``bn_mode="eval"``, every coordinate) its
-    ``1/eps`` made lambda_max ~1e7 times larger, and the controller throttled such networks to ``s_min``."""
+    ``1/eps`` made lambda_max over 1e5 times larger here (~1e7 on a digits CNN)."""
     model = AdamBatchNorm()
     monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16)
     trainer = fit(tmp_path, model, random_data(16, (6,), classes=3), [monitor], max_epochs=2)
@@ -245,6 +245,16 @@ def test_adam_with_batchnorm_measures_the_hessian_the_optimizer_descends(tmp_pat
     p_all = (rms + 1e-8).rsqrt()
     H_eval = dense_hessian(net.eval(), F.cross_entropy, xs.double(), ys)
     assert torch.linalg.eigvalsh(p_all[:, None] * H_eval * p_all[None, :])[-1].item() > 1e5 * exact
+
+
+def test_the_controller_leaves_adam_with_batchnorm_alone_at_a_stable_lr(tmp_path):
+    """The former measurement put this network's lambda_max over 1e5 times too high, and the controller cut the LR
+    to ``s_min``; at ``lr=1e-2`` the ratio is far below the threshold and the LR stays the scheduled one."""
+    monitor = HessianEigenMonitor(every_n_steps=2, max_iter=20)
+    controller = CurvatureLRController()
+    fit(tmp_path, AdamBatchNorm(), random_data(64, (6,), classes=3), [monitor, controller], max_epochs=2)
+    assert monitor.n_runs == 4 and monitor.last["lip/hessian/stability_ratio"] < 0.1
+    assert controller.states[0].throttle == 1.0 and controller.states[0].n_cuts == 0
 
 
 class NaNAtStep(Classifier):

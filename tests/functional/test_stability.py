@@ -121,7 +121,7 @@ def test_adam_preconditioner_leaves_out_coordinates_below_eps(eps):
 
 def test_adam_on_a_coordinate_without_gradient_history_stays_bounded():
     """Why those coordinates are left out: with v = 0 a frozen preconditioner 1/eps puts lr * h / eps at 2.6e7 times
-    the threshold, yet the real Adam, whose v follows the gradient the perturbation causes, stays within a few lr."""
+    the threshold, yet the real Adam, whose v follows the gradient the perturbation causes, stays within lr."""
     lr, h = 1e-3, 1e4
     theta = torch.nn.Parameter(torch.full((1,), 1e-12, dtype=torch.float64))
     adam = torch.optim.Adam([theta], lr=lr)
