@@ -1,10 +1,11 @@
 """All four callbacks together: order, batch containers, resume, accumulation, bf16, compile, lazy modules, manual
 optimization, evaluation stages, DDP, every documented tag."""
 
+import copy
 import dataclasses
 import math
 import pickle
-from collections import namedtuple
+from collections import deque, namedtuple
 from collections.abc import Mapping
 
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, default_collate
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_lip import (
     CurvatureLRController,
@@ -21,6 +23,7 @@ from lightning_lip import (
     KappaBudgetProjection,
     LipRegistry,
 )
+from lightning_lip.callbacks._common import measurement_mode
 from tests.models import Classifier, Encoding, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_operator_norm
 
@@ -349,6 +352,70 @@ def test_models_torch_func_cannot_differentiate_train_on(tmp_path, make, recwarn
     warned = [str(w.message) for w in recwarn if "torch.func cannot differentiate" in str(w.message)]
     assert {m.split(":")[0] for m in warned} == {"GradientNoiseEstimator", "HessianEigenMonitor"}
     assert controller.states[0].n_cuts == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class Bookkeeping(Classifier):
+    """Lightning's documented bookkeeping in ``training_step``: a torchmetrics metric updated, outputs
+    collected for ``on_train_epoch_end``, a counter, the last logits kept."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.accuracy = MulticlassAccuracy(num_classes=4)
+        self.training_step_outputs, self.epoch_losses, self.n_steps = [], [], 0
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch[0])
+        self.log("train_acc", self.accuracy(logits, batch[1]))
+        loss = F.cross_entropy(logits, batch[1])
+        self.training_step_outputs.append(loss.detach())
+        self.n_steps += 1
+        self.last_logits = logits.detach()
+        return loss
+
+    def on_train_epoch_end(self):
+        self.epoch_losses.append(torch.stack(self.training_step_outputs).mean())
+        self.training_step_outputs.clear()
+
+
+def test_bookkeeping_in_training_step_sees_only_the_real_steps(tmp_path):
+    """The measurements evaluate ``training_step`` under ``torch.func`` transforms: the metric's state and the
+    module's attributes would take in their tensors (the next real step failed), and see extra steps."""
+
+    def bookkeeping(callbacks):
+        torch.manual_seed(0)
+        model = Bookkeeping(cnn(), lr=0.5)
+        Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2)).fit(
+            model, loader(random_data(64, (1, 8, 8)))
+        )
+        return model
+
+    plain = bookkeeping([])
+    monitor, noise = HessianEigenMonitor(every_n_steps=1, max_iter=5), GradientNoiseEstimator(every_n_steps=1)
+    measured = bookkeeping([monitor, noise])  # measurement only: training itself is unchanged
+    assert monitor.n_runs == noise.n_runs == 8
+    assert measured.n_steps == plain.n_steps == 8 and not measured.training_step_outputs
+    assert torch.equal(torch.stack(measured.epoch_losses), torch.stack(plain.epoch_losses))
+    assert torch.equal(measured.last_logits, plain.last_logits)
+    assert measured.accuracy.metric_state.keys() == plain.accuracy.metric_state.keys()
+    for key, value in plain.accuracy.metric_state.items():
+        assert torch.equal(measured.accuracy.metric_state[key], value), key
+    assert measured.accuracy._update_count == plain.accuracy._update_count == 8
+
+
+def test_measurement_mode_undoes_changes_to_the_modules_attributes():
+    model = Bookkeeping(mlp())
+    model.seen, model.classes, model.window = {"a": 1}, {1, 2}, deque([1.0], maxlen=3)
+    before = {k: (v, copy.copy(v)) for k, v in vars(model).items() if not k.startswith("_")}
+    with measurement_mode(model):
+        model.training_step((torch.randn(8, 16), torch.randint(0, 4, (8,))), 0)
+        model.seen["b"] = 2
+        model.classes.add(3)
+        model.window.append(2.0)
+        model.n_steps, model.added = 5, True
+    assert {k for k in vars(model) if not k.startswith("_")} == before.keys()
+    for key, (value, contents) in before.items():
+        assert getattr(model, key) is value and value == contents, key
+    assert model.accuracy._update_count == 0 and model.training
 
 
 class Skipping(Classifier):

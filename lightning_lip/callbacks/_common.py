@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, MutableMapping, MutableSequence, MutableSet
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from types import MethodType
 from typing import Any
@@ -16,6 +17,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
+from torchmetrics import Metric
 
 from lightning_lip.functional._stateless import LossFn
 from lightning_lip.functional.batch import batch_tree
@@ -294,28 +296,64 @@ def module_loss(pl_module: pl.LightningModule) -> LossFn:
 
 @contextmanager
 def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = False) -> Iterator[None]:
-    """Eval mode (dropout off, BatchNorm on running statistics unless ``batch_norm_train``) and ``log`` muted;
-    every module's ``training`` flag is restored afterwards. With ``batch_norm_train`` a ``SyncBatchNorm`` takes
-    its rank's own batch statistics: it synchronizes them in an ``autograd.Function`` that ``torch.func`` cannot
-    transform."""
+    """Eval mode (dropout off, BatchNorm on running statistics unless ``batch_norm_train``), and ``training_step``'s
+    side effects undone; every module's ``training`` flag is restored afterwards.
+
+    Muted: ``log``/``log_dict``, and the ``forward``/``update`` of every torchmetrics ``Metric`` (they return
+    ``None``), whose state would take in tensors from inside the ``torch.func`` transforms. Restored: the
+    LightningModule's own public attributes, rebound or changed in place (a list, dict or set, such as Lightning's
+    ``self.training_step_outputs.append(loss)``). With ``batch_norm_train`` a ``SyncBatchNorm`` takes its rank's own
+    batch statistics: it synchronizes them in an ``autograd.Function`` that ``torch.func`` cannot transform.
+    """
     modes = {m: m.training for m in pl_module.modules()}
-    pl_module.eval()
-    synced = []
-    for m in pl_module.modules() if batch_norm_train else ():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.train()
-        if isinstance(m, nn.SyncBatchNorm):
-            m.forward = MethodType(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
-            synced.append(m)
-    pl_module.log = pl_module.log_dict = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    with ExitStack() as restore:
+        for m in [pl_module, *(m for m in pl_module.modules() if isinstance(m, (Metric, nn.SyncBatchNorm)))]:
+            restore.enter_context(_restored_attributes(m))
+        try:
+            pl_module.eval()
+            for m in pl_module.modules():
+                if batch_norm_train and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.train()
+                if batch_norm_train and isinstance(m, nn.SyncBatchNorm):
+                    m.forward = MethodType(nn.modules.batchnorm._BatchNorm.forward, m)  # type: ignore[method-assign]
+                if isinstance(m, Metric):
+                    m.forward = m.update = _ignore  # type: ignore[method-assign]
+            pl_module.log = pl_module.log_dict = _ignore  # type: ignore[method-assign]
+            yield
+        finally:
+            for m, training in modes.items():
+                m.training = training
+
+
+def _ignore(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
+@contextmanager
+def _restored_attributes(obj: object) -> Iterator[None]:
+    """Restore ``obj``'s public instance attributes on exit: values rebound, attributes added deleted, and the
+    contents of lists, dicts and sets (the same objects, which others may hold) put back."""
+    saved = {k: v for k, v in vars(obj).items() if not k.startswith("_")}
+    contents = {k: copy.copy(v) for k, v in saved.items() if isinstance(v, _CONTAINERS)}
     try:
         yield
     finally:
-        del pl_module.log, pl_module.log_dict
-        for m in synced:
-            del m.forward
-        for m, training in modes.items():
-            m.training = training
+        attributes = vars(obj)
+        for k in [k for k in attributes if not k.startswith("_") and k not in saved]:
+            del attributes[k]
+        attributes.update(saved)
+        for k, old in contents.items():
+            container = saved[k]
+            container.clear()
+            if isinstance(container, MutableMapping):
+                container.update(old)
+            elif isinstance(container, MutableSet):
+                container |= old
+            else:
+                container.extend(old)
+
+
+_CONTAINERS = (MutableSequence, MutableMapping, MutableSet)
 
 
 def detached(batch: Any) -> Any:

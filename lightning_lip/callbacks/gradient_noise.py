@@ -60,9 +60,9 @@ class GradientNoiseEstimator(Callback):
     (dropout off, BatchNorm on running statistics; random draws in the loss, such as noise augmentation, are
     independent between samples), without touching ``.grad``, the optimizer or the RNG state. Under DDP the
     per-sample gradients of all ranks are gathered, so the statistics are those of the global batch seen by one
-    process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)``; it must be a
-    mean over samples (``lip_loss`` is required with manual optimization). If ``torch.func`` cannot differentiate
-    the model the callback warns once and stops measuring, with the reason in :attr:`failure`.
+    process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)`` (bookkeeping
+    muted); it must be a mean over samples (``lip_loss`` is required with manual optimization). If ``torch.func``
+    cannot differentiate the model the callback warns once and stops measuring, with the reason in :attr:`failure`.
 
     Noise statistics (all parameters): :math:`\mathrm{tr}\,\Sigma`, :math:`\|\bar g\|^2` (and its unbiased
     version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per

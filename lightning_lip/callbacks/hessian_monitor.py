@@ -59,12 +59,12 @@ class HessianEigenMonitor(Callback):
     coordinates with a gradient (:func:`~lightning_lip.functional.stability.adam_preconditioner`).
 
     The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
-    ``training_step(batch, 0)`` with logging muted (``lip_loss`` is required with manual optimization). Dropout is
-    off during the measurement; BatchNorm uses the probe batch's statistics, as training does (``bn_mode="train"``),
-    or its running statistics (``"eval"``). A loss that draws random numbers (noise augmentation in
-    ``training_step``) is measured at one draw: every product replays torch's random state (one symmetric
-    operator). Training is left bit-identical: ``model.training``, ``.grad``, buffers and the RNG state are
-    restored, no ``.backward()`` runs. If ``torch.func`` cannot differentiate the model (activation checkpointing,
+    ``training_step(batch, 0)`` with its bookkeeping muted (``lip_loss`` is required with manual optimization).
+    Dropout is off during the measurement; BatchNorm uses the probe batch's statistics, as training does
+    (``bn_mode="train"``), or its running statistics (``"eval"``). A loss that draws random numbers (noise
+    augmentation in ``training_step``) is measured at one draw: every product replays torch's random state (one
+    symmetric operator). Training is left bit-identical: ``model.training``, ``.grad``, buffers and the RNG state
+    are restored, no ``.backward()`` runs. If ``torch.func`` cannot differentiate the model (activation checkpointing,
     an ``autograd.Function`` without ``setup_context``) the callback warns once and stops measuring, with the reason
     in :attr:`failure`. Under DDP the products are averaged over ranks (weighted by probe size), so every rank gets
     the same result.
