@@ -178,6 +178,23 @@ def test_a_second_fit_of_the_same_module_continues(tmp_path):
     assert controller.states[0].n_cuts >= cuts
 
 
+class WithoutBatchIndex(Unwrapping):
+    def training_step(self, batch):  # Lightning passes no batch_idx to a step that takes none
+        return super().training_step(batch, 0)
+
+
+def test_a_training_step_without_batch_idx(tmp_path):
+    """The measurements called ``training_step(batch, 0)``, a ``TypeError`` that stopped the run."""
+    torch.manual_seed(0)
+    net, with_index, without = cnn(), four(), four()
+    expected = summary(
+        *run(tmp_path, with_index, model=Unwrapping(copy.deepcopy(net), lr=2.0, momentum=0.5)), with_index
+    )
+    got = summary(*run(tmp_path, without, model=WithoutBatchIndex(copy.deepcopy(net), lr=2.0, momentum=0.5)), without)
+    assert_same(got, expected)
+    assert without[1].n_runs == without[2].n_runs == 4 and without[3].states[0].n_cuts > 0
+
+
 def test_gradient_accumulation(tmp_path):
     callbacks = four()
     trainer, model = run(tmp_path, callbacks, accumulate_grad_batches=2)

@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from torchmetrics import Metric
@@ -283,12 +284,14 @@ def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:
 
 def module_loss(pl_module: pl.LightningModule) -> LossFn:
     """``loss(module, batch)``: ``module.lip_loss(batch)`` if the module defines it, else the loss (or ``"loss"``
-    entry) that ``training_step(batch, 0)`` returns."""
+    entry) that ``training_step(batch, 0)`` returns (``training_step(batch)`` if it takes no ``batch_idx``, as
+    Lightning allows)."""
     if callable(getattr(pl_module, "lip_loss", None)):
         return lambda module, batch: module.lip_loss(batch)
+    index = (0,) if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2) else ()
 
     def loss(module: pl.LightningModule, batch: Any) -> Tensor:
-        out = module.training_step(batch, 0)
+        out = module.training_step(batch, *index)
         return out["loss"] if isinstance(out, dict) else out
 
     return loss
