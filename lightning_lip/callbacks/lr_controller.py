@@ -320,7 +320,7 @@ class CurvatureLRController(Callback):
                 self._warn("threshold", f"No stability threshold is known for {type(optimizer).__name__}: no control.")
             elif lam is not None:
                 self._update(state, lr * lam / threshold)
-            group["lr"] = lr * state.throttle
+            _set_lr(group, lr * state.throttle)
             rows.append((lr, threshold, lam))
         self._rows = rows
         if self._nonfinite:  # seen by `on_before_optimizer_step` before this hook (a GradScaler's order)
@@ -341,7 +341,7 @@ class CurvatureLRController(Callback):
         if self._scheduled is None:
             return
         for group, lr in zip(optimizer.param_groups, self._scheduled):
-            group["lr"] = lr
+            _set_lr(group, lr)
         self._scheduled = None
         self._loss_finite, self._step_loss = True, 0.0  # losses of closure evaluations after the first (LBFGS)
 
@@ -398,7 +398,7 @@ class CurvatureLRController(Callback):
             if ratio * state.throttle > bound:
                 state.throttle = max(self.s_min, bound / ratio)
                 state.n_cuts += 1
-                group["lr"] = lr * state.throttle
+                _set_lr(group, lr * state.throttle)
 
     def _emergency(self, optimizer: torch.optim.Optimizer) -> None:
         """Cut every group by ``emergency_factor`` for this step, once the step's pre-hook has set its rates."""
@@ -409,7 +409,7 @@ class CurvatureLRController(Callback):
         for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
             state.throttle = max(self.s_min, state.throttle * self.emergency_factor)
             state.n_emergencies += 1
-            group["lr"] = lr * state.throttle
+            _set_lr(group, lr * state.throttle)
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
@@ -506,3 +506,12 @@ class CurvatureLRController(Callback):
 def _entry_of(registry: LipRegistry | None, key: str) -> tuple[float, int] | None:
     entry = None if registry is None else registry.entry(key)
     return None if entry is None else (float(entry.value), entry.step)
+
+
+def _set_lr(group: dict[str, Any], lr: float) -> None:
+    """Set a param group's learning rate; a tensor one in place, as torch's schedulers do (a compiled or
+    graph-captured step reads that tensor)."""
+    if isinstance(group["lr"], Tensor):
+        group["lr"].fill_(lr)
+    else:
+        group["lr"] = lr

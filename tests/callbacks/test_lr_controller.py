@@ -15,7 +15,7 @@ def RecordingSGD(*args, **kwargs):  # noqa: N802
     the controller's (which restores the scheduled value) sees the rate the update used."""
     optimizer = torch.optim.SGD(*args, **kwargs)
     optimizer.used = []
-    optimizer.register_step_post_hook(lambda opt, a, k: opt.used.append([g["lr"] for g in opt.param_groups]))
+    optimizer.register_step_post_hook(lambda opt, a, k: opt.used.append([float(g["lr"]) for g in opt.param_groups]))
     return optimizer
 
 
@@ -41,7 +41,7 @@ class Half(CurvatureLRController):
 class Scheduled(Classifier):
     def __init__(self, schedule, lr=0.1):
         super().__init__(mlp(), lr=lr)
-        self.schedule = schedule
+        self.schedule = schedule  # "<name>" or "<name>-tensor" for a tensor learning rate
         self.last_lrs = []
 
     def training_step(self, batch, batch_idx):
@@ -53,7 +53,9 @@ class Scheduled(Classifier):
         self.last_lrs.append(list(self.lr_schedulers().get_last_lr()))
 
     def configure_optimizers(self):
-        opt = RecordingSGD(self.parameters(), lr=self.lr, momentum=0.9)
+        name, _, lr_type = self.schedule.partition("-")
+        opt = RecordingSGD(self.parameters(), lr=torch.tensor(self.lr) if lr_type else self.lr, momentum=0.9)
+        self.initial_lr = opt.param_groups[0]["lr"]
         schedulers = {
             "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
             "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=16),
@@ -62,8 +64,8 @@ class Scheduled(Classifier):
             "exponential": lambda: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
             "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5),
         }
-        config = {"scheduler": schedulers[self.schedule](), "interval": "step"}
-        if self.schedule == "plateau":
+        config = {"scheduler": schedulers[name](), "interval": "step"}
+        if name == "plateau":
             config["monitor"] = "plateau_metric"
         return {"optimizer": opt, "lr_scheduler": config}
 
@@ -88,13 +90,20 @@ def fit(tmp_path, model, callbacks, data=None, batch_size=16, **kw):
     return trainer
 
 
-@pytest.mark.parametrize("schedule", ["step", "onecycle", "cosine", "lambda", "exponential", "plateau"])
+@pytest.mark.parametrize(
+    "schedule", ["step", "onecycle", "cosine", "lambda", "exponential", "plateau", "onecycle-tensor", "step-tensor"]
+)
 def test_scheduler_twin_sees_the_schedule_and_the_optimizer_half_of_it(tmp_path, schedule):
+    """Also with a tensor learning rate, which stays the same tensor, set in place (as torch's schedulers do); the
+    controller replaced it by a float, which a compiled or graph-captured step does not read."""
+
     def run(callbacks):
         torch.manual_seed(0)
         model = Scheduled(schedule)
         fit(tmp_path, model, callbacks, max_epochs=4)
-        return model.optimizers().optimizer.used, model.last_lrs
+        (group,) = model.optimizers().optimizer.param_groups
+        assert not schedule.endswith("tensor") or group["lr"] is model.initial_lr
+        return model.optimizers().optimizer.used, [[float(lr) for lr in row] for row in model.last_lrs]
 
     used_twin, last_twin = run([])
     used, last = run([FixedSignal(lambda step: 1.0), Half()])
