@@ -45,6 +45,19 @@ class TinyTransformer(nn.Module):
         return self.head(self.block(x).mean(1))
 
 
+class TinyRNN(nn.Module):
+    """A recurrent layer (``nn.GRU``, ``nn.LSTM`` or ``nn.RNN``, hidden size 6) and a linear head on its last
+    output, for ``[B, 5, 8]``."""
+
+    def __init__(self, cell: str = "GRU", classes: int = 3, num_layers: int = 1, bidirectional: bool = False) -> None:
+        super().__init__()
+        self.rnn = getattr(nn, cell)(8, 6, num_layers, batch_first=True, bidirectional=bidirectional)
+        self.head = nn.Linear(12 if bidirectional else 6, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][:, -1])
+
+
 class Classifier(LightningModule):
     """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional)."""
 

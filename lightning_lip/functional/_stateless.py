@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._decomp import decompositions as _decompositions
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.utils.parametrizations import _WeightNorm
 from torch.nn.utils.weight_norm import WeightNorm
@@ -67,6 +68,41 @@ class _DecomposedWeightNorm(TorchFunctionMode):
 def _weight_norm(v: Tensor, g: Tensor, dim: int = 0) -> Tensor:
     """``torch._weight_norm`` in primitive ops: ``v`` scaled to norm ``g`` over all dimensions but ``dim``."""
     return v * (g / torch.norm_except_dim(v, 2, dim))
+
+
+def rnn_decompositions(module: nn.Module) -> AbstractContextManager[Any]:
+    """Where ``module`` holds an ``nn.RNN``, ``nn.GRU`` or ``nn.LSTM``: a mode that runs their kernels as primitive
+    ops (:class:`_DecomposedRNN`), for ``vmap``; else a no-op."""
+    return _DecomposedRNN() if any(isinstance(m, nn.RNNBase) for m in module.modules()) else nullcontext()
+
+
+class _DecomposedRNN(TorchFunctionMode):
+    """Runs the recurrent kernels (``torch.rnn_tanh``, ``rnn_relu``, ``gru``, ``lstm`` on padded input) as torch's
+    own decompositions into primitive ops (``torch._decomp``, which ``torch.compile`` uses).
+
+    ``vmap`` has no batching rule for those kernels: on CPU the RNN and GRU kernels fail inside it (they write into
+    an unbatched output) and LSTM's falls back to a slow loop over the samples, warning. The decompositions give the
+    same values up to rounding. Packed sequences keep the kernels.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        impl = _RNN_DECOMPOSITIONS.get(func)
+        # padded input: (input, hx, params, has_biases, ...); packed: (data, batch_sizes, hx, params, ...)
+        padded = impl is not None and len(args) == 9 and isinstance(args[3], bool)
+        return (impl if padded else func)(*args, **kwargs)
+
+
+_RNN_DECOMPOSITIONS = {
+    getattr(torch, op): getattr(_decompositions, name)
+    for op, name in [
+        ("rnn_tanh", "rnn_tanh_input"),
+        ("rnn_relu", "rnn_relu_input"),
+        ("gru", "gru_impl"),
+        ("lstm", "lstm_impl"),
+    ]
+    if hasattr(_decompositions, name)
+}
 
 
 class _LossCall(nn.Module):

@@ -4,7 +4,8 @@ Each sample is fed as a batch of one, so ``loss_fn`` is the user's mean-loss fun
 called through ``functional_call`` (its parameters are never touched, no ``.backward()`` runs). A BatchNorm in
 training mode couples the samples of a batch, so it has no per-sample gradient: it must be in eval mode. Random
 draws in the loss (noise augmentation, dropout in training mode) are independent between samples, as they are in
-a batch. Batches may hold more than tensors (file names, metadata) in any containers (see
+a batch. Recurrent layers (``nn.RNN``, ``nn.GRU``, ``nn.LSTM``) run as primitive ops, which ``vmap`` can batch.
+Batches may hold more than tensors (file names, metadata) in any containers (see
 :mod:`~lightning_lip.functional.batch`): only tensors whose leading dimension is the batch size are split into
 samples; everything else reaches ``loss_fn`` whole.
 """
@@ -17,7 +18,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
-from lightning_lip.functional._stateless import LossFn, stateless_loss, trainable_parameters
+from lightning_lip.functional._stateless import LossFn, rnn_decompositions, stateless_loss, trainable_parameters
 from lightning_lip.functional.batch import batch_size, batch_tree, sample_dims, slice_tree
 
 _BATCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.SyncBatchNorm)
@@ -68,15 +69,16 @@ def per_sample_grads(
     grads = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, dims), randomness="different")
     step = n if chunk_size is None else chunk_size
     try:
-        if step >= n:
-            return grads(params, tree)
-        # chunks written into the output in place: vmap's own chunking concatenates, holding the output twice
-        out = {name: p.new_empty(n, *p.shape) for name, p in params.items()}
-        for start in range(0, n, step):
-            part = grads(params, slice_tree(tree, dims, start, start + step))
-            for name, g in part.items():
-                out[name][start : start + step] = g
-        return out
+        with rnn_decompositions(module):
+            if step >= n:
+                return grads(params, tree)
+            # chunks written into the output in place: vmap's own chunking concatenates, holding the output twice
+            out = {name: p.new_empty(n, *p.shape) for name, p in params.items()}
+            for start in range(0, n, step):
+                part = grads(params, slice_tree(tree, dims, start, start + step))
+                for name, g in part.items():
+                    out[name][start : start + step] = g
+            return out
     except RuntimeError as error:  # torch.OutOfMemoryError on GPUs, a RuntimeError from the CPU allocator
         if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
             raise

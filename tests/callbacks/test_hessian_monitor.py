@@ -11,7 +11,17 @@ from torch import nn
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
 from lightning_lip.callbacks._common import measurement_mode, module_loss
 from lightning_lip.functional.hvp import hvp_operator
-from tests.models import Classifier, NoisyInputs, TinyTransformer, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import (
+    Classifier,
+    NoisyInputs,
+    TinyRNN,
+    TinyTransformer,
+    cnn,
+    loader,
+    mlp,
+    random_data,
+    trainer_kwargs,
+)
 from tests.reference import dense_hessian
 
 
@@ -36,7 +46,7 @@ def probe_tensors(monitor):
 
 
 @pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("arch", ["mlp", "cnn", "transformer"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn", "transformer", "GRU", "LSTM"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
     torch.manual_seed(seed)
@@ -44,6 +54,8 @@ def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
         "mlp": (lambda: mlp((8, 12, 12, 4)), (8,)),
         "cnn": (cnn, (1, 8, 8)),
         "transformer": (lambda: TinyTransformer(classes=4), (5, 8)),
+        "GRU": (lambda: TinyRNN("GRU", classes=4), (5, 8)),
+        "LSTM": (lambda: TinyRNN("LSTM", classes=4), (5, 8)),
     }[arch]
     net = net()
     model = Float64Classifier(net.to(dtype), lr=0.1) if dtype == torch.float64 else Classifier(net, lr=0.1)

@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.parametrizations import weight_norm
 
+from lightning_lip.functional._stateless import rnn_decompositions
 from lightning_lip.functional.per_sample import per_sample_grads
-from tests.models import TinyTransformer, cnn, mlp
+from tests.models import TinyRNN, TinyTransformer, cnn, mlp
 
 
 def ce(module, batch):
@@ -30,6 +31,9 @@ CASES = {
     "mlp": (lambda: mlp((6, 10, 10, 3)), (6,)),
     "cnn": (lambda: cnn(2, 3), (2, 8, 8)),
     "transformer": (TinyTransformer, (5, 8)),
+    "GRU": (lambda: TinyRNN("GRU"), (5, 8)),
+    "LSTM": (lambda: TinyRNN("LSTM"), (5, 8)),
+    "RNN-2-layers-bidirectional": (lambda: TinyRNN("RNN", num_layers=2, bidirectional=True), (5, 8)),
     "weight_norm": (lambda: nn.Sequential(weight_norm(nn.Conv2d(2, 3, 3)), nn.Flatten(), nn.Linear(108, 3)), (2, 8, 8)),
 }
 
@@ -40,7 +44,7 @@ def test_equals_python_loop_float64(case):
     module = make().double().eval()
     x = torch.randn(7, *shape, dtype=torch.float64)
     y = torch.randint(0, 3, (7,))
-    with warnings.catch_warnings():  # attention on its math backend: no "batching rule not implemented" fallback
+    with warnings.catch_warnings():  # attention on its math backend, RNNs decomposed: no slow vmap fallback
         warnings.simplefilter("error")
         got = per_sample_grads(module, ce, (x, y))
     chunked = per_sample_grads(module, ce, (x, y), chunk_size=3)
@@ -130,3 +134,14 @@ def test_bad_chunk_size_and_out_of_memory_name_chunk_size(monkeypatch):
     monkeypatch.setattr(torch.func, "vmap", exhausted)
     with pytest.raises(MemoryError, match="chunk_size"):
         per_sample_grads(module, ce, batch, chunk_size=8)
+
+
+@pytest.mark.parametrize("cell", ["RNN", "GRU", "LSTM"])
+def test_rnn_decompositions_compute_the_kernels_values_and_leave_packed_sequences_to_them(cell):
+    rnn = getattr(nn, cell)(4, 5, num_layers=2, bidirectional=True, batch_first=True).double()
+    x = torch.randn(3, 6, 4, dtype=torch.float64)
+    packed = nn.utils.rnn.pack_padded_sequence(x, [6, 4, 2], batch_first=True)
+    with rnn_decompositions(rnn):
+        padded_out, packed_out = rnn(x)[0], rnn(packed)[0].data
+    torch.testing.assert_close(padded_out, rnn(x)[0], rtol=1e-12, atol=1e-14)  # float64 rounding of the same sums
+    assert torch.equal(packed_out, rnn(packed)[0].data)
