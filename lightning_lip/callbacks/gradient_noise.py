@@ -45,7 +45,7 @@ from lightning_lip.functional.noise import (
 )
 from lightning_lip.functional.per_sample import per_sample_grads
 from lightning_lip.functional.spectral import CONV_TYPES, lanczos_svd, random_start
-from lightning_lip.functional.stability import linear_step
+from lightning_lip.functional.stability import GradientMap, gradient_clipping, linear_step
 from lightning_lip.registry import LipRegistry
 
 _DYNAMICS_TYPES = (nn.Linear, *CONV_TYPES)  # the layers whose Lipschitz dynamics are predicted
@@ -72,14 +72,15 @@ class GradientNoiseEstimator(Callback):
     one, as by weight normalization, is warned about once and left out): the step is the one the optimizer is about to
     take, written as :math:`\Delta W = o + c \odot g` by :func:`~lightning_lip.functional.stability.linear_step`
     (exact for SGD with momentum/Nesterov/weight decay; Adam/AdamW with the second moment frozen at the value of
-    this step); its noise is :math:`c \odot \xi` with :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`,
-    :math:`B_{step}` the samples averaged by the step (batch size x ranks x accumulated batches), corrected for
-    sampling without replacement from the ``N`` training samples, :math:`\times(N-B)/(N-1)` (no noise at all for
-    full-batch steps). Per layer: the drift of :math:`\sigma_1` (first order, second order with the operator-norm
-    Hessian, noise curvature) and its diffusion; for ``nn.Linear`` from an exact SVD of the weight, for a
-    convolution matrix-free on its true operator (top pair by Lanczos warm-started from the singular vectors a
-    ``KappaBudgetProjection`` publishes, else from this callback's previous ones). For the network, the drift and
-    standard deviation of :math:`\log\prod_l\sigma_l`.
+    this step; the Trainer's gradient clipping, which runs after this hook, frozen at this step's gradient: the
+    norm's factor, the coordinates held at ``gradient_clip_val``); its noise is :math:`c \odot \xi` with
+    :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`, :math:`B_{step}` the samples averaged by the step (batch size x
+    ranks x accumulated batches), corrected for sampling without replacement from the ``N`` training samples,
+    :math:`\times(N-B)/(N-1)` (no noise at all for full-batch steps). Per layer: the drift of :math:`\sigma_1`
+    (first order, second order with the operator-norm Hessian, noise curvature) and its diffusion; for
+    ``nn.Linear`` from an exact SVD of the weight, for a convolution matrix-free on its true operator (top pair by
+    Lanczos warm-started from the singular vectors a ``KappaBudgetProjection`` publishes, else from this callback's
+    previous ones). For the network, the drift and standard deviation of :math:`\log\prod_l\sigma_l`.
 
     One step after each measurement the callback predicts that step again with the new weights and optimizer state
     but the previous batch's gradients, and compares with the observed change (weights read before any other step
@@ -206,6 +207,13 @@ class GradientNoiseEstimator(Callback):
                 "count in the noise statistics and their SNR.",
             )
         self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
+        if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
+            self._warn(
+                "clipping",
+                f"{type(self).__name__} predicts each step with the Trainer's gradient clipping (`gradient_clip_val`, "
+                f"`gradient_clip_algorithm`); {type(pl_module).__name__} overrides `configure_gradient_clipping`, "
+                "and what it does differently is not in the prediction.",
+            )
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -240,7 +248,7 @@ class GradientNoiseEstimator(Callback):
         start = time.perf_counter()
         step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size)
         if follow_up:
-            self._expected = self._predict(optimizer, self._sample, step_batch, follow_up=True)
+            self._expected = self._predict(trainer, optimizer, self._sample, step_batch, follow_up=True)
             self._sample = None
             self._budget.spend(time.perf_counter() - start)
         if not (due and self._within_budget(trainer)):
@@ -326,7 +334,7 @@ class GradientNoiseEstimator(Callback):
         for key, value in (("trace", stats.trace), ("grad_norm_sq", stats.grad_norm_sq), ("scale", stats.scale)):
             registry.publish(f"noise/{key}", value.item(), step)
         registry.publish("noise/top_eigenvalues", stats.top_eigenvalues, step)
-        dynamics = self._predict(optimizer, weights, step_batch)
+        dynamics = self._predict(trainer, optimizer, weights, step_batch)
         if dynamics is not None:
             for name, (_, drift, diffusion, _) in dynamics["layers"].items():
                 metrics[f"lip/noise/drift/{name}"] = drift
@@ -353,6 +361,7 @@ class GradientNoiseEstimator(Callback):
     @torch.no_grad()
     def _predict(
         self,
+        trainer: Trainer,
         optimizer: torch.optim.Optimizer,
         weights: dict[str, tuple[Tensor, Tensor]],
         step_batch: float,
@@ -361,15 +370,18 @@ class GradientNoiseEstimator(Callback):
         """Dynamics of the step ``optimizer`` is about to take, averaging ``step_batch`` samples, given each layer's
         mean weight gradient ``[m, k]`` and centred per-sample weight gradients ``[n, m, k]``; ``follow_up``: one
         step after the last measurement (see :meth:`_top_triplet`). Layers that ``optimizer`` does not hold (another
-        optimizer's, with manual optimization) do not move in this step and are left out."""
+        optimizer's, with manual optimization) do not move in this step and are left out. The Trainer's gradient
+        clipping enters the step as :func:`~lightning_lip.functional.stability.gradient_clipping` linearizes it."""
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        clipping = _gradient_clipping(trainer, optimizer)
         per_layer = {}
         for name, (mean, omega) in weights.items():
             layer = self._layers[name]
             weight = layer.weight
             if id(weight) not in held:
                 continue
-            step = linear_step(optimizer, weight, None if weight.grad is None else weight.grad.detach())
+            grad = None if weight.grad is None else weight.grad.detach()
+            step = linear_step(optimizer, weight, grad, clipping.get(id(weight), (1.0, 0.0)))
             if step is None:
                 self._warn("step_map", f"{type(self).__name__}: no linear step map for {type(optimizer).__name__}.")
                 return None
@@ -524,6 +536,17 @@ def _own_weight(layer: nn.Module) -> bool:
 def _trained(layer: nn.Module) -> bool:
     """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
     return layer.weight.requires_grad if _own_weight(layer) else any(p.requires_grad for p in layer.parameters())
+
+
+def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> dict[int, GradientMap]:
+    """``{id(param): (a, b)}``: the Trainer's gradient clipping of this step (``gradient_clip_val``, applied after
+    ``on_before_optimizer_step``) as an affine map of each gradient; empty without clipping."""
+    if not trainer.gradient_clip_val or not trainer.lightning_module.automatic_optimization:
+        return {}
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    algorithm = "value" if trainer.gradient_clip_algorithm == "value" else "norm"  # Lightning's default: norm
+    maps = gradient_clipping([p.grad.detach() for p in params], float(trainer.gradient_clip_val), algorithm)
+    return {id(p): m for p, m in zip(params, maps)}
 
 
 def _effective_batch(trainer: Trainer, global_batch: int) -> float:

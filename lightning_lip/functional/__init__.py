@@ -25,7 +25,7 @@ from lightning_lip.functional.spectral import (
     proportional_budget,
     uniform_budget,
 )
-from lightning_lip.functional.stability import LinearStep, linear_step, stability_threshold
+from lightning_lip.functional.stability import LinearStep, gradient_clipping, linear_step, stability_threshold
 
 __all__ = [
     "LanczosResult",
@@ -35,6 +35,7 @@ __all__ = [
     "SingularTriplet",
     "SpectralDensity",
     "alternating_power_iteration",
+    "gradient_clipping",
     "lanczos",
     "lanczos_svd",
     "layer_operator",

@@ -10,6 +10,7 @@ bounded iff :math:`\eta\lambda` is below (β = momentum, d = dampening):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -70,6 +71,37 @@ def _adam_denominator(state: dict[str, Any], group: dict[str, Any], grad: Tensor
     return (v / (1 - beta2**step)).sqrt() + group["eps"]
 
 
+GradientMap = tuple[Tensor | float, Tensor | float]
+r"""``(a, b)``: the affine map :math:`g \mapsto a \odot g + b` of a gradient; ``a``, ``b`` scalars or of its shape."""
+
+
+def gradient_clipping(grads: Sequence[Tensor], value: float, algorithm: str = "norm") -> list[GradientMap]:
+    r"""Gradient clipping as Lightning applies it to an optimizer's gradients (``torch.nn.utils.clip_grad_norm_``,
+    ``clip_grad_value_``), as an affine map of each gradient, frozen at ``grads`` (exact there).
+
+    By ``"norm"`` every gradient is scaled by :math:`c = \min(1, \mathrm{value}/(\|g\|_2 + 10^{-6}))`,
+    :math:`\|g\|_2` the norm of all of them together: :math:`a = c, b = 0`. By ``"value"`` the coordinates inside
+    :math:`[-\mathrm{value}, \mathrm{value}]` pass (:math:`a = 1, b = 0`) and the others are held at the bound
+    (:math:`a = 0, b = \pm\mathrm{value}`).
+
+    Args:
+        grads: the gradients of every parameter the optimizer steps (``.grad`` after backward, before clipping).
+        value: ``gradient_clip_val``, ``> 0``.
+        algorithm: ``"norm"`` or ``"value"``.
+
+    Returns:
+        One ``(a, b)`` per gradient, in order.
+    """
+    if algorithm == "value":
+        return [((g.abs() <= value).to(g.dtype), g.clamp(-value, value) * (g.abs() > value)) for g in grads]
+    if algorithm != "norm":
+        raise ValueError(f"`algorithm` must be 'norm' or 'value', got {algorithm!r}.")
+    norms = [torch.linalg.vector_norm(g, dtype=torch.float64) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms)).item() if norms else 0.0
+    coefficient = min(1.0, value / (total + 1e-6))
+    return [(coefficient, 0.0)] * len(grads)
+
+
 class LinearStep(NamedTuple):
     r"""The next update of one parameter as an affine function of its gradient: :math:`\Delta p = o + c \odot g`.
 
@@ -82,17 +114,35 @@ class LinearStep(NamedTuple):
     gain: Tensor
 
 
-def linear_step(optimizer: torch.optim.Optimizer, param: Tensor, grad: Tensor | None = None) -> LinearStep | None:
+def linear_step(
+    optimizer: torch.optim.Optimizer,
+    param: Tensor,
+    grad: Tensor | None = None,
+    clip: GradientMap = (1.0, 0.0),
+) -> LinearStep | None:
     r"""The step ``optimizer.step()`` is about to apply to ``param``, as an affine map of the gradient ``g``.
 
     Exact for SGD in all its forms (momentum, dampening, Nesterov, weight decay) given the current momentum buffer.
     Adam/AdamW are affine in ``g`` only with the second moment frozen: at the value the step computes from ``grad``
     (then exact at ``g = grad``, linearized around it), else at its current value. ``None`` before Adam's first
     step, for ``maximize=True``, for other optimizers and for parameters the optimizer does not hold.
+
+    ``clip`` is what happens to the gradient between backward and the step, :math:`g \mapsto a \odot g + b` (gradient
+    clipping, see :func:`gradient_clipping`): the optimizer then steps with :math:`a \odot g + b`, and the returned
+    map takes the gradient of backward, ``grad`` too.
     """
     group = next((g for g in optimizer.param_groups if any(p is param for p in g["params"])), None)
     if group is None or group.get("maximize", False):
         return None
+    scale, shift = clip
+    step = _linear_step(optimizer, param, group, None if grad is None else scale * grad + shift)
+    return None if step is None else LinearStep(step.offset + step.gain * shift, step.gain * scale)
+
+
+def _linear_step(
+    optimizer: torch.optim.Optimizer, param: Tensor, group: dict[str, Any], grad: Tensor | None
+) -> LinearStep | None:
+    """:func:`linear_step` in the gradient the optimizer receives."""
     p = param.detach()
     lr, wd, state = float(group["lr"]), float(group.get("weight_decay", 0.0)), optimizer.state.get(param, {})
     if isinstance(optimizer, torch.optim.SGD):

@@ -91,21 +91,29 @@ def test_weight_normalized_layer_has_statistics_and_snr_but_no_dynamics(tmp_path
     assert {k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")} == {"net.2"}
 
 
-@pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_full_batch_step_is_predicted_to_third_order(tmp_path, arch):
+@pytest.mark.parametrize("arch, clip", [("mlp", None), ("cnn", None), ("mlp", "norm"), ("cnn", "value")])
+def test_full_batch_step_is_predicted_to_third_order(tmp_path, arch, clip):
     """A full-batch SGD step has no noise: the published drift of each sigma is its change up to O(eta^3), for
-    matrices (closed form) and convolutions (matrix-free), against the dense operator of tests/reference.py."""
+    matrices (closed form) and convolutions (matrix-free), against the dense operator of tests/reference.py; also
+    with the Trainer clipping the gradient, by norm (to a tenth) or by value (a third of the coordinates held)."""
     make, shape = (lambda: mlp((8, 12, 4)), (8,)) if arch == "mlp" else (lambda: cnn(padding_mode="zeros"), (1, 8, 8))
+    x, y = random_data(32, shape).tensors
+    torch.manual_seed(0)
+    start = make().double()
+    F.cross_entropy(start(x.double()), y).backward()
+    grads = torch.cat([p.grad.flatten() for p in start.parameters()])
+    clip_kwargs = {
+        None: {},
+        "norm": dict(gradient_clip_val=0.1 * grads.norm().item()),
+        "value": dict(gradient_clip_val=grads.abs().quantile(2 / 3).item(), gradient_clip_algorithm="value"),
+    }[clip]
     errors = {}
     for lr in [0.2, 0.1, 0.05]:
         torch.manual_seed(0)
         model = Classifier(make().double(), lr=lr)
-        x, y = random_data(32, shape).tensors
         noise = GradientNoiseEstimator(every_n_steps=1, predict=False)
-        trainer = Trainer(callbacks=[noise], **trainer_kwargs(tmp_path, max_steps=1))
+        trainer = Trainer(callbacks=[noise], **trainer_kwargs(tmp_path, max_steps=1, **clip_kwargs))
         trainer.fit(model, DataLoader(TensorDataset(x.double(), y), batch_size=32))
-        torch.manual_seed(0)
-        start = make().double()
         layers = [k.split("/")[-1] for k in noise.last if k.startswith("lip/noise/drift/")]
         assert len(layers) == (2 if arch == "mlp" else 3)
         assert all(noise.last[f"lip/noise/diffusion/{name}"] == 0.0 for name in layers)  # full batch: no noise
@@ -358,6 +366,17 @@ def test_resume_continues_exactly(tmp_path):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         GradientNoiseEstimator(**kwargs)
+
+
+def test_own_gradient_clipping_is_warned_once(tmp_path):
+    class OwnClipping(Classifier):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            self.clip_gradients(optimizer, 0.01, "value")
+
+    noise = GradientNoiseEstimator(every_n_steps=1)
+    with pytest.warns(UserWarning, match="overrides `configure_gradient_clipping`") as record:
+        fit(tmp_path, OwnClipping(mlp()), random_data(64), [noise], max_steps=3)
+    assert sum("configure_gradient_clipping" in str(w.message) for w in record) == 1 and noise.n_runs == 3
 
 
 def test_unknown_layer_is_a_clear_error(tmp_path):

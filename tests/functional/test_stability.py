@@ -1,7 +1,12 @@
 import pytest
 import torch
 
-from lightning_lip.functional.stability import adam_preconditioner, linear_step, stability_threshold
+from lightning_lip.functional.stability import (
+    adam_preconditioner,
+    gradient_clipping,
+    linear_step,
+    stability_threshold,
+)
 
 
 def run_quadratic(make_optimizer, lam, steps=3000):
@@ -65,6 +70,58 @@ def test_linear_step_is_the_step_the_optimizer_takes(make):
         torch.testing.assert_close(p.detach() - before, step.offset + step.gain * grad, rtol=1e-12, atol=1e-14)
         checked += 1
     assert checked >= 3
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True, weight_decay=0.01),
+        lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01, amsgrad=True),
+    ],
+    ids=["nesterov", "adam", "adamw-amsgrad"],
+)
+@pytest.mark.parametrize(
+    "algorithm, value, clip_",
+    [
+        ("norm", 0.5, lambda ps, v: torch.nn.utils.clip_grad_norm_(ps, v)),  # binds: the norm is ~4.9
+        ("norm", 50.0, lambda ps, v: torch.nn.utils.clip_grad_norm_(ps, v)),  # does not bind
+        ("value", 0.5, lambda ps, v: torch.nn.utils.clip_grad_value_(ps, v)),  # some coordinates held, some not
+    ],
+    ids=["norm", "norm-loose", "value"],
+)
+def test_clipped_linear_step_is_the_step_the_optimizer_takes_after_torch_clipping(make, algorithm, value, clip_):
+    """The gradient clipping Lightning applies (torch's ``clip_grad_norm_`` / ``clip_grad_value_`` over all of an
+    optimizer's parameters), frozen at the step's gradients, gives that step exactly in the gradients of backward."""
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=torch.float64)) for shape in [(3, 4), (5,)]]
+    optimizer = make(params)
+    checked = 0
+    for _ in range(4):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]
+        maps = gradient_clipping(grads, value, algorithm)
+        steps = [linear_step(optimizer, p, grad, clip) for p, grad, clip in zip(params, grads, maps)]
+        before = [p.detach().clone() for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        clip_(params, value)
+        optimizer.step()
+        if steps[0] is None:  # Adam before its first step only
+            continue
+        for p, b, step, grad in zip(params, before, steps, grads):
+            torch.testing.assert_close(p.detach() - b, step.offset + step.gain * grad, rtol=1e-12, atol=1e-14)
+        checked += 1
+    assert checked >= 3
+    a, b = maps[0]
+    if algorithm == "norm":
+        assert b == 0.0 and (a < 0.2 if value == 0.5 else a == 1.0)
+    else:
+        assert 0 < float((a == 0).double().mean()) < 1 and torch.equal(b.abs() == value, a == 0)
+
+
+def test_gradient_clipping_rejects_unknown_algorithm():
+    with pytest.raises(ValueError, match="`algorithm` must be 'norm' or 'value'"):
+        gradient_clipping([torch.ones(2)], 1.0, "max")
 
 
 def test_linear_step_unknown_cases():
