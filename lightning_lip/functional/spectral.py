@@ -253,7 +253,12 @@ def alternating_power_iteration(
 
 
 def lanczos_svd(
-    operator: Operator, v: Tensor, max_iter: int = 100, tol: float = 1e-6, residual_factor: float = 0.1
+    operator: Operator,
+    v: Tensor,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    residual_factor: float = 0.1,
+    min_iter: int | None = None,
 ) -> SingularTriplet:
     r"""Top singular triplet by Lanczos on the smaller of :math:`A^\top A` and :math:`AA^\top`: far fewer products
     than power iteration when :math:`\sigma_2/\sigma_1` is close to 1. The smaller side matters because each
@@ -268,6 +273,7 @@ def lanczos_svd(
             :math:`\sigma_1^2`; the Ritz residual bounds the error of :math:`\sigma_1^2` by ``tol`` relative,
             so that of :math:`\sigma_1` by about ``tol / 2``.
         residual_factor: as in :func:`~lightning_lip.functional.lanczos.lanczos`; 1 suits a warm start.
+        min_iter: as in :func:`~lightning_lip.functional.lanczos.lanczos` (default 5); 2 suits a warm start.
 
     Returns:
         A :class:`SingularTriplet`.
@@ -283,6 +289,7 @@ def lanczos_svd(
         max_iter=max_iter,
         tol=tol,
         residual_factor=residual_factor,
+        min_iter=min_iter,
     )
     top = res.eigenvectors[0].view(start.shape)  # u on the output side, v on the input side
     other = first(top)
