@@ -71,16 +71,16 @@ class GradientNoiseEstimator(Callback):
     Lipschitz dynamics (``nn.Linear`` and ``nn.ConvNd`` layers whose weight is itself a parameter; a parametrized
     one, as by weight normalization, is warned about once and left out): the step is the one the optimizer is about to
     take, written as :math:`\Delta W = o + c \odot g` by :func:`~lightning_lip.functional.stability.linear_step`
-    (exact for SGD with momentum/Nesterov/weight decay; Adam/AdamW with the second moment frozen at the value of
-    this step; the Trainer's gradient clipping, which runs after this hook, frozen at this step's gradient: the
-    norm's factor, the coordinates held at ``gradient_clip_val``); its noise is :math:`c \odot \xi` with
-    :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`, :math:`B_{step}` the samples averaged by the step (batch size x
-    ranks x accumulated batches), corrected for sampling without replacement from the ``N`` training samples,
-    :math:`\times(N-B)/(N-1)` (no noise at all for full-batch steps). Per layer: the drift of :math:`\sigma_1`
-    (first order, second order with the operator-norm Hessian, noise curvature) and its diffusion; for
-    ``nn.Linear`` from an exact SVD of the weight, for a convolution matrix-free on its true operator (top pair by
-    Lanczos warm-started from the singular vectors a ``KappaBudgetProjection`` publishes, else from this callback's
-    previous ones). For the network, the drift and standard deviation of :math:`\log\prod_l\sigma_l`.
+    (exact for SGD with momentum/Nesterov/weight decay; Adam, AdamW, Adamax, RMSprop and Adagrad with the
+    preconditioner frozen at the value of this step; the Trainer's gradient clipping, which runs after this hook,
+    frozen at this step's gradient: the norm's factor, the coordinates held at ``gradient_clip_val``); its noise is
+    :math:`c \odot \xi` with :math:`\mathrm{Cov}\,\xi = \Sigma / B_{step}`, :math:`B_{step}` the samples averaged
+    by the step (batch size x ranks x accumulated batches), corrected for sampling without replacement from the
+    ``N`` training samples, :math:`\times(N-B)/(N-1)` (no noise at all for full-batch steps). Per layer: the drift
+    of :math:`\sigma_1` (first order, second order with the operator-norm Hessian, noise curvature) and its
+    diffusion; for ``nn.Linear`` from an exact SVD of the weight, for a convolution matrix-free on its true operator
+    (top pair by Lanczos warm-started from the singular vectors a ``KappaBudgetProjection`` publishes, else from this
+    callback's previous ones). For the network, the drift and standard deviation of :math:`\log\prod_l\sigma_l`.
 
     One step after each measurement the callback predicts that step again with the new weights and optimizer state
     but the previous batch's gradients, and compares with the observed change (weights read before any other step

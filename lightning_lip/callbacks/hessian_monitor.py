@@ -39,7 +39,7 @@ from lightning_lip.callbacks._common import (
 from lightning_lip.functional.batch import batch_size, batch_tree
 from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
-from lightning_lip.functional.stability import adam_preconditioner, is_preconditioned, stability_threshold
+from lightning_lip.functional.stability import is_preconditioned, preconditioner, stability_threshold
 from lightning_lip.registry import LipRegistry
 
 # Residual bar / tol of a cold start, whose lambda_1 component may be tiny: at lambda_2/lambda_1 = 0.99 it never
@@ -54,9 +54,9 @@ class HessianEigenMonitor(Callback):
     Hessian-vector product of the mean loss over a probe set (``data="fixed"``: the first ``num_samples``
     training samples seen, kept for the whole run; ``"current"``: the current batch) with ``torch.func`` on the
     unwrapped module, and runs Lanczos warm-started from the previous top eigenvector mixed with noise, cold every
-    ``cold_every_n_runs`` runs so that a warm start cannot lock onto a stale direction. For Adam/AdamW the
-    operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}` that governs Adam's stability, on the
-    coordinates with a gradient (:func:`~lightning_lip.functional.stability.adam_preconditioner`).
+    ``cold_every_n_runs`` runs so that a warm start cannot lock onto a stale direction. For Adam, AdamW, Adamax,
+    RMSprop and Adagrad the operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}` that governs their
+    stability, on the coordinates with a gradient (:func:`~lightning_lip.functional.stability.preconditioner`).
 
     The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
     ``training_step(batch, 0)`` with its bookkeeping muted (``lip_loss`` is required with manual optimization).
@@ -203,7 +203,7 @@ class HessianEigenMonitor(Callback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: list[Any]) -> dict[str, float] | None:
         """Run Lanczos on the probe batches; publish and return the metrics, or ``None`` if there is nothing to
-        measure yet (lazy modules before their first forward pass, Adam before its first step) or at all."""
+        measure yet (lazy modules before their first forward pass, Adam & co. before their first step) or at all."""
         start = time.perf_counter()
         if any(is_lazy(p) for p in pl_module.parameters()):
             return None
@@ -216,9 +216,9 @@ class HessianEigenMonitor(Callback):
         scaling = None
         if preconditioned:
             named = dict(pl_module.named_parameters())
-            scaling = adam_preconditioner(optimizer, [named[n] for n in params])
+            scaling = preconditioner(optimizer, [named[n] for n in params])
             if scaling is None:
-                return None  # before Adam's first step there is no preconditioner yet
+                return None  # before the first step there is no preconditioner yet
         sizes = [batch_size(b) for b in probe]
         with isolate_rng(), measurement_mode(pl_module, batch_norm_train=self.bn_mode == "train"):
             hvp = hvp_operator(pl_module, module_loss(pl_module), probe, sizes, params)
@@ -329,7 +329,7 @@ class HessianEigenMonitor(Callback):
         return self._eigenvector.to(first.device) + self.warm_mix * noise / noise.norm(), True
 
     def _distributed(self, trainer: Trainer, hvp: Any, n_local: float, scaling: Tensor | None) -> Any:
-        """Average the product over ranks weighted by probe size, and precondition it for Adam."""
+        """Average the product over ranks weighted by probe size, and precondition it (Adam & co.)."""
         world = trainer.world_size
         n_total = n_local
         if world > 1:  # on the strategy's device: NCCL reduces device tensors only

@@ -60,8 +60,9 @@ class CurvatureLRController(Callback):
 
     Before every optimizer step, for each param group, the ratio :math:`r = \eta_{sched}\lambda_{max}/\tau` of the
     scheduled learning rate times the curvature signal over the group's threshold :math:`\tau` (SGD 2, heavy ball
-    :math:`(2+2\beta)/(1-d)`, Nesterov :math:`(2+2\beta)/(1+2\beta)`, Adam/AdamW :math:`(2+2\beta_1)/(1-\beta_1)` on
-    the preconditioned Hessian; :meth:`threshold`) goes to :meth:`throttle`, which returns
+    :math:`(2+2\beta)/(1-d)`, Nesterov :math:`(2+2\beta)/(1+2\beta)`, Adam/AdamW/Adamax
+    :math:`(2+2\beta_1)/(1-\beta_1)`, RMSprop :math:`2+2\beta`, Adagrad :math:`2(1+t\,\mathrm{lr\_decay})` on the
+    preconditioned Hessian; :meth:`threshold`) goes to :meth:`throttle`, which returns
     :math:`s\in[s_{min}, 1]`; the step runs with :math:`\eta_{eff} = s\,\eta_{sched}` and the scheduled value is
     restored right after it, so schedulers never see the throttle: chainable ones (StepLR, ExponentialLR) do not
     compound it, closed-form ones (OneCycle, Lambda, Cosine) do not erase it, ReduceLROnPlateau works unchanged.
@@ -75,7 +76,7 @@ class CurvatureLRController(Callback):
     bound of :math:`\lambda_{max}`) and, between mini-batches, mixes gradient noise into :math:`\Delta g`. Signals
     older than ``max_age`` steps are ignored; without a signal the throttle holds. Before the first measurement the
     controller measures once itself on the first batch (a cold probe), so that the first steps are guarded too, or
-    on the first one where there is something to measure (with Adam the second: its preconditioner needs a step;
+    on the first one where there is something to measure (with Adam & co. the second: the preconditioner needs a step;
     with lazy modules the one after their first forward pass).
     Under DDP the signal is reduced with max, so every rank sets the same learning rate.
 

@@ -4,8 +4,13 @@ On a quadratic with Hessian eigenvalue :math:`\lambda`, PyTorch's update rules a
 bounded iff :math:`\eta\lambda` is below (β = momentum, d = dampening):
 
 - SGD: :math:`2`; heavy ball: :math:`(2 + 2\beta)/(1 - d)`; Nesterov: :math:`(2 + 2\beta)/(1 + 2\beta)`;
-- Adam/AdamW with frozen second moment, on the preconditioned Hessian :math:`P^{-1/2} H P^{-1/2}`,
-  :math:`P = \mathrm{diag}(\sqrt{\hat v} + \epsilon)`: :math:`(2 + 2\beta_1)/(1 - \beta_1)`.
+- diagonally preconditioned methods with their preconditioner :math:`P` frozen, on the preconditioned Hessian
+  :math:`P^{-1/2} H P^{-1/2}`: Adam/AdamW (:math:`P = \sqrt{\hat v} + \epsilon`) and Adamax (:math:`P = u`, its
+  running max) :math:`(2 + 2\beta_1)/(1 - \beta_1)`, an exponential moving average of the gradient being heavy
+  ball with dampening :math:`\beta_1`; RMSprop (:math:`P = \sqrt{v} + \epsilon`, centred: :math:`\sqrt{v -
+  \bar g^2} + \epsilon`) :math:`2 + 2\beta`; Adagrad (:math:`P = \sqrt{\sum g^2} + \epsilon`) :math:`2 (1 + t
+  \cdot \mathrm{lr\_decay})` after :math:`t` steps, its step size being :math:`\eta / (1 + t \cdot
+  \mathrm{lr\_decay})`.
 """
 
 from __future__ import annotations
@@ -16,12 +21,22 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+_EMA_MOMENTUM = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax)  # m = beta1 m + (1 - beta1) g
+PRECONDITIONED = (*_EMA_MOMENTUM, torch.optim.RMSprop, torch.optim.Adagrad)
+_SECOND_MOMENT = {torch.optim.Adamax: "exp_inf", torch.optim.RMSprop: "square_avg", torch.optim.Adagrad: "sum"}
+
 
 def stability_threshold(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
-    """The bound on ``lr * lambda_max`` of ``optimizer``'s param ``group``; ``None`` for unknown optimizers."""
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
+    """The bound on ``lr * lambda_max`` of ``optimizer``'s param ``group`` (on the preconditioned Hessian for
+    :data:`PRECONDITIONED` optimizers); ``None`` for other optimizers."""
+    if isinstance(optimizer, _EMA_MOMENTUM):
         beta1 = group["betas"][0]
         return (2 + 2 * beta1) / (1 - beta1)
+    if isinstance(optimizer, torch.optim.RMSprop):
+        return 2 + 2 * group["momentum"]
+    if isinstance(optimizer, torch.optim.Adagrad):
+        steps = max((float(optimizer.state[p]["step"]) for p in group["params"] if p in optimizer.state), default=0)
+        return 2 * (1 + steps * group["lr_decay"])
     if isinstance(optimizer, torch.optim.SGD):
         beta, dampening = group.get("momentum", 0.0), group.get("dampening", 0.0)
         if beta == 0:
@@ -33,17 +48,19 @@ def stability_threshold(optimizer: torch.optim.Optimizer, group: dict[str, Any])
 
 
 def is_preconditioned(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether stability is judged on the preconditioned Hessian (Adam, AdamW)."""
-    return isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW))
+    """Whether stability is judged on the preconditioned Hessian (:data:`PRECONDITIONED`: Adam, AdamW, Adamax,
+    RMSprop, Adagrad)."""
+    return isinstance(optimizer, PRECONDITIONED)
 
 
-def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Tensor | None:
-    r"""Flat :math:`P^{-1/2} = (\sqrt{\hat v} + \epsilon)^{-1/2}` over ``params``, or ``None`` before Adam's first
-    step (no second moment yet). Parameters the optimizer does not hold get 0 (they do not move), and so do
-    coordinates whose gradient has stayed below Adam's resolution, :math:`\sqrt{\hat v} \le \epsilon` (a bias
-    before a BatchNorm, the weights of a dead unit): a perturbation would raise :math:`\hat v` with the gradient it
-    causes, so Adam takes sign-like steps of size :math:`\sim\eta` there, bounded, not the linear map of a frozen
-    :math:`P`, whose :math:`1/\epsilon` would otherwise swamp :math:`\lambda_{max}` with rounding noise."""
+def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Tensor | None:
+    r"""Flat :math:`P^{-1/2}` over ``params`` for a :data:`PRECONDITIONED` optimizer (:math:`P = \sqrt{\hat v} +
+    \epsilon` for Adam), or ``None`` before its first step (no second moment yet). Parameters the optimizer does not
+    hold get 0 (they do not move), and so do coordinates whose gradient has stayed below the optimizer's
+    resolution, :math:`P \le 2\epsilon` (for Adam :math:`\sqrt{\hat v} \le \epsilon`: a bias before a BatchNorm,
+    the weights of a dead unit): a perturbation would raise :math:`\hat v` with the gradient it causes, so Adam
+    takes sign-like steps of size :math:`\sim\eta` there, bounded, not the linear map of a frozen :math:`P`, whose
+    :math:`1/\epsilon` would otherwise swamp :math:`\lambda_{max}` with rounding noise."""
     parts = []
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     for p in params:
@@ -52,23 +69,44 @@ def adam_preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) 
         if group is None:
             parts.append(torch.zeros(p.numel(), dtype=p.dtype, device=p.device))
             continue
-        if "exp_avg_sq" not in state:
+        if not _has_stepped(optimizer, state):
             return None
-        denominator = _adam_denominator(state, group)
-        seen = denominator > 2 * group["eps"]  # sqrt(v_hat) > eps
+        denominator = _denominator(optimizer, state, group)
+        seen = denominator > 2 * group["eps"]
         parts.append(torch.where(seen, denominator, torch.inf).rsqrt().reshape(-1))
     return torch.cat(parts)
 
 
-def _adam_denominator(state: dict[str, Any], group: dict[str, Any], grad: Tensor | None = None) -> Tensor:
-    r""":math:`\sqrt{\hat v} + \epsilon` from Adam's second moment (the running max with ``amsgrad``): the current
-    one, or with ``grad`` (weight decay included) the one the next step computes."""
+def _has_stepped(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
+    """Whether ``state`` holds a second moment from at least one step (Adagrad's exists from the start)."""
+    key = _SECOND_MOMENT.get(type(optimizer), "exp_avg_sq")
+    return key in state and float(state["step"]) > 0
+
+
+def _denominator(
+    optimizer: torch.optim.Optimizer, state: dict[str, Any], group: dict[str, Any], grad: Tensor | None = None
+) -> Tensor:
+    r"""The preconditioner :math:`P` of a :data:`PRECONDITIONED` optimizer: the current one, or with ``grad``
+    (weight decay included) the one the next step computes."""
+    eps = group["eps"]
+    if isinstance(optimizer, torch.optim.Adamax):
+        u = state["exp_inf"]
+        return u if grad is None else torch.maximum(group["betas"][1] * u, grad.abs() + eps)
+    if isinstance(optimizer, torch.optim.Adagrad):
+        total = state["sum"] if grad is None else state["sum"] + grad * grad
+        return total.sqrt() + eps
+    if isinstance(optimizer, torch.optim.RMSprop):
+        alpha, v, mean = group["alpha"], state["square_avg"], state.get("grad_avg")
+        if grad is not None:
+            v = alpha * v + (1 - alpha) * grad * grad
+            mean = None if mean is None else alpha * mean + (1 - alpha) * grad
+        return (v - mean * mean if group["centered"] else v).sqrt() + eps
     beta2, step, v = group["betas"][1], float(state["step"]), state["exp_avg_sq"]
     if grad is not None:
         v, step = beta2 * v + (1 - beta2) * grad * grad, step + 1
     if group.get("amsgrad", False):
         v = torch.maximum(state["max_exp_avg_sq"], v)
-    return (v / (1 - beta2**step)).sqrt() + group["eps"]
+    return (v / (1 - beta2**step)).sqrt() + eps
 
 
 GradientMap = tuple[Tensor | float, Tensor | float]
@@ -123,9 +161,10 @@ def linear_step(
     r"""The step ``optimizer.step()`` is about to apply to ``param``, as an affine map of the gradient ``g``.
 
     Exact for SGD in all its forms (momentum, dampening, Nesterov, weight decay) given the current momentum buffer.
-    Adam/AdamW are affine in ``g`` only with the second moment frozen: at the value the step computes from ``grad``
-    (then exact at ``g = grad``, linearized around it), else at its current value. ``None`` before Adam's first
-    step, for ``maximize=True``, for other optimizers and for parameters the optimizer does not hold.
+    The :data:`PRECONDITIONED` optimizers (Adam, AdamW, Adamax, RMSprop, Adagrad) are affine in ``g`` only with
+    their preconditioner frozen: at the value the step computes from ``grad`` (then exact at ``g = grad``,
+    linearized around it), else at its current value. ``None`` before their first step, for ``maximize=True``, for
+    other optimizers and for parameters the optimizer does not hold.
 
     ``clip`` is what happens to the gradient between backward and the step, :math:`g \mapsto a \odot g + b` (gradient
     clipping, see :func:`gradient_clipping`): the optimizer then steps with :math:`a \odot g + b`, and the returned
@@ -156,16 +195,22 @@ def _linear_step(
         else:
             a, carried = 1.0 - damp, beta * buf
         return LinearStep(-lr * (carried + a * wd * p), torch.tensor(-lr * a, dtype=p.dtype, device=p.device))
-    if isinstance(optimizer, (torch.optim.Adam, torch.optim.AdamW)):
-        if "exp_avg_sq" not in state:
-            return None
-        beta1 = group["betas"][0]
-        decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
-        coupled_wd = 0.0 if decoupled else wd
-        grad = None if grad is None else grad + coupled_wd * p
-        scale = lr / (1 - beta1 ** (float(state["step"]) + 1)) / _adam_denominator(state, group, grad)
-        offset = -scale * (beta1 * state["exp_avg"] + (1 - beta1) * coupled_wd * p)
-        if decoupled:
-            offset = offset - lr * wd * p
-        return LinearStep(offset, -scale * (1 - beta1))
-    return None
+    if not isinstance(optimizer, PRECONDITIONED) or not _has_stepped(optimizer, state):
+        return None
+    decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
+    coupled_wd = 0.0 if decoupled else wd
+    grad = None if grad is None else grad + coupled_wd * p
+    denominator = _denominator(optimizer, state, group, grad)
+    if isinstance(optimizer, torch.optim.RMSprop):  # p -= lr * (momentum * buf + g / P)
+        buf = state.get("momentum_buffer")
+        carried = 0.0 if group["momentum"] == 0 or buf is None else group["momentum"] * buf
+        return LinearStep(-lr * (carried + coupled_wd * p / denominator), -lr / denominator)
+    if isinstance(optimizer, torch.optim.Adagrad):  # p -= lr / (1 + t lr_decay) * g / P
+        rate = lr / (1 + float(state["step"]) * group["lr_decay"])
+        return LinearStep(-rate * coupled_wd * p / denominator, -rate / denominator)
+    beta1 = group["betas"][0]  # p -= lr / (1 - beta1^t) * (beta1 m + (1 - beta1) g) / P
+    scale = lr / (1 - beta1 ** (float(state["step"]) + 1)) / denominator
+    offset = -scale * (beta1 * state["exp_avg"] + (1 - beta1) * coupled_wd * p)
+    if decoupled:
+        offset = offset - lr * wd * p
+    return LinearStep(offset, -scale * (1 - beta1))

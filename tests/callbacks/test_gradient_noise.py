@@ -266,6 +266,26 @@ def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     assert noise.step_batches == [pytest.approx(32 * 63 / (64 - 32))] * 2  # accumulated batch, without replacement
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adamax(ps, lr=1e-2),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.9, centered=True),
+        lambda ps: torch.optim.Adagrad(ps, lr=1e-2, lr_decay=1e-3),
+    ],
+    ids=["adamax", "rmsprop", "adagrad"],
+)
+def test_other_preconditioned_optimizers_predict_their_steps(tmp_path, make, recwarn):
+    class Model(Classifier):
+        def configure_optimizers(self):
+            return make(self.parameters())
+
+    noise = GradientNoiseEstimator(every_n_steps=2)
+    fit(tmp_path, Model(mlp()), random_data(64), [noise], max_epochs=2)
+    assert noise.n_runs == 4 and math.isfinite(noise.last["lip/noise/log_lipschitz_drift"])
+    assert not [w for w in recwarn if "no linear step map" in str(w.message)]
+
+
 def test_each_param_group_predicts_with_its_own_learning_rate(tmp_path):
     def first_measurement(lr_first, lr_rest):  # at step 0, before any update: the same weights in every run
         class TwoGroups(Classifier):

@@ -207,24 +207,41 @@ class AdamClassifier(Float64Classifier):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
 
-def test_adam_uses_preconditioned_hessian(tmp_path):
-    model = AdamClassifier(mlp((5, 6, 3)).double())
+PRECONDITIONED = {  # optimizer, its preconditioner P from its state (the documented update rule), threshold
+    "adam": (
+        lambda ps: torch.optim.Adam(ps, lr=1e-2),
+        lambda s: (s["exp_avg_sq"] / (1 - 0.999 ** float(s["step"]))).sqrt() + 1e-8,
+        38.0,
+    ),
+    "adamax": (lambda ps: torch.optim.Adamax(ps, lr=1e-2), lambda s: s["exp_inf"], 38.0),
+    "rmsprop": (
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5),
+        lambda s: s["square_avg"].sqrt() + 1e-8,
+        3.0,
+    ),
+    "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=1e-2), lambda s: s["sum"].sqrt() + 1e-10, 2.0),
+}
+
+
+@pytest.mark.parametrize("name", list(PRECONDITIONED))
+def test_preconditioned_optimizers_use_the_preconditioned_hessian(tmp_path, name):
+    make, from_state, threshold = PRECONDITIONED[name]
+
+    class Model(Float64Classifier):
+        def configure_optimizers(self):
+            return make(self.parameters())
+
+    model = Model(mlp((5, 6, 3)).double())
     monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16, converge_min=True)
     trainer = fit(tmp_path, model, random_data(16, (5,), classes=3), [monitor], max_epochs=2)
     opt = trainer.optimizers[0]
-    v_hat = torch.cat(
-        [
-            (opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).reshape(-1)
-            for p in model.parameters()
-        ]
-    )
-    p_inv_sqrt = (v_hat.sqrt() + 1e-8).rsqrt()
+    p_inv_sqrt = torch.cat([from_state(opt.state[p]).reshape(-1) for p in model.parameters()]).rsqrt()
     xs, ys = probe_tensors(monitor)
     H = dense_hessian(model.net, F.cross_entropy, xs.double(), ys)
     exact = torch.linalg.eigvalsh(p_inv_sqrt[:, None] * H * p_inv_sqrt[None, :])[-1].item()
     assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(exact, rel=1e-6)
     assert LipRegistry.of(trainer).get("hessian/preconditioned") is True
-    assert monitor.last["lip/hessian/threshold"] == pytest.approx(38.0)
+    assert monitor.last["lip/hessian/threshold"] == pytest.approx(threshold)
 
 
 class AdamBatchNorm(AdamClassifier):

@@ -206,29 +206,39 @@ def test_multiple_param_groups_are_throttled_separately(tmp_path):
     assert [s.throttle for s in controller.states] == pytest.approx([1.0, 0.5])
 
 
-def test_adam_uses_its_threshold(tmp_path):
-    class AdamModel(Classifier):
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1.0)
+PRECONDITIONED = {  # optimizer at lr 1 and its threshold
+    "adam": (lambda ps: torch.optim.Adam(ps, lr=1.0), 38.0),
+    "adamax": (lambda ps: torch.optim.Adamax(ps, lr=1.0, betas=(0.5, 0.999)), 6.0),
+    "rmsprop": (lambda ps: torch.optim.RMSprop(ps, lr=1.0, momentum=0.5), 3.0),
+    "adagrad": (lambda ps: torch.optim.Adagrad(ps, lr=1.0), 2.0),
+}
 
+
+def model_with(make):
+    class Model(Classifier):
+        def configure_optimizers(self):
+            return make(self.parameters())
+
+    return Model(mlp())
+
+
+@pytest.mark.parametrize("name", list(PRECONDITIONED))
+def test_preconditioned_optimizers_use_their_threshold(tmp_path, name):
+    make, threshold = PRECONDITIONED[name]
     controller = CurvatureLRController(mode="strict", margin=0.5)
-    fit(tmp_path, AdamModel(mlp()), [FixedSignal(lambda step: 76.0), controller])  # threshold 38: ratio 2
+    fit(tmp_path, model_with(make), [FixedSignal(lambda step: 2 * threshold), controller])  # ratio 2
     assert controller.states[0].throttle == pytest.approx(0.25)
 
 
-def test_with_adam_the_first_measurement_follows_adams_first_step(tmp_path):
-    """Adam's preconditioned Hessian needs its second moment: the first measurement, impossible before the first
-    step, runs on the next batch instead of waiting for the probe's cadence."""
-
-    class AdamModel(Classifier):
-        def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=1.0)
-
+@pytest.mark.parametrize("name", ["adam", "adagrad"])
+def test_with_adam_the_first_measurement_follows_adams_first_step(tmp_path, name):
+    """The preconditioned Hessian needs a second moment: the first measurement, impossible before the first step,
+    runs on the next batch instead of waiting for the probe's cadence (Adagrad's state exists from the start)."""
     controller = CurvatureLRController(probe_every_n_steps=50)
-    trainer = fit(tmp_path, AdamModel(mlp()), [controller], max_steps=3)
+    trainer = fit(tmp_path, model_with(PRECONDITIONED[name][0]), [controller], max_steps=3)
     registry = LipRegistry.of(trainer)
     assert registry.step_of("hessian/lambda_max") == 1 and registry.get("hessian/preconditioned") is True
-    assert controller.states[0].throttle < 1  # lr 1 is far beyond Adam's threshold
+    assert controller.states[0].throttle < 1  # lr 1 is far beyond the threshold
 
 
 def test_no_signal_is_a_clear_error_or_the_probe(tmp_path):

@@ -2,9 +2,10 @@ import pytest
 import torch
 
 from lightning_lip.functional.stability import (
-    adam_preconditioner,
     gradient_clipping,
+    is_preconditioned,
     linear_step,
+    preconditioner,
     stability_threshold,
 )
 
@@ -38,8 +39,8 @@ def test_sgd_thresholds_are_sharp(kwargs):
 def test_adam_threshold_value_and_unknown_optimizer():
     adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=(0.9, 0.999))
     assert stability_threshold(adam, adam.param_groups[0]) == pytest.approx(38.0)
-    rms = torch.optim.RMSprop([torch.nn.Parameter(torch.zeros(1))])
-    assert stability_threshold(rms, rms.param_groups[0]) is None
+    nadam = torch.optim.NAdam([torch.nn.Parameter(torch.zeros(1))])
+    assert stability_threshold(nadam, nadam.param_groups[0]) is None
 
 
 @pytest.mark.parametrize(
@@ -51,6 +52,10 @@ def test_adam_threshold_value_and_unknown_optimizer():
         lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.01),
         lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=0.01, decoupled_weight_decay=True),
         lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01, amsgrad=True),
+        lambda ps: torch.optim.Adamax(ps, lr=0.1, weight_decay=0.01),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, weight_decay=0.01),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.01, momentum=0.9, centered=True, weight_decay=0.01),
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1, lr_decay=0.05, weight_decay=0.01, initial_accumulator_value=0.1),
     ],
 )
 def test_linear_step_is_the_step_the_optimizer_takes(make):
@@ -64,8 +69,8 @@ def test_linear_step_is_the_step_the_optimizer_takes(make):
         before = p.detach().clone()
         p.grad = grad
         optimizer.step()
-        if step is None:  # Adam before its first step only
-            assert isinstance(optimizer, torch.optim.Adam) and checked == 0
+        if step is None:  # a preconditioned optimizer before its first step only
+            assert is_preconditioned(optimizer) and checked == 0
             continue
         torch.testing.assert_close(p.detach() - before, step.offset + step.gain * grad, rtol=1e-12, atol=1e-14)
         checked += 1
@@ -126,21 +131,37 @@ def test_gradient_clipping_rejects_unknown_algorithm():
 
 def test_linear_step_unknown_cases():
     p = torch.nn.Parameter(torch.ones(2))
-    assert linear_step(torch.optim.RMSprop([p]), p) is None
+    assert linear_step(torch.optim.NAdam([p]), p) is None
     assert linear_step(torch.optim.SGD([p], lr=0.1, maximize=True), p) is None
     assert linear_step(torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1), p) is None
 
 
-def run_adam_frozen(lr, beta1, lam=1.0, steps=3000):
-    """Adam on lam/2 theta^2 with its second moment frozen: started long ago (bias corrections = 1) at v = 0, and
-    gradients (1e-12) far below eps = 1, so the preconditioner is the constant eps. Returns |theta_T| / |theta_0|."""
+FROZEN = {  # optimizer with eps = 1, and its state long after the start (bias corrections = 1) at v = 0
+    "adam": (torch.optim.Adam, dict(betas=(0.9, 0.999)), dict(exp_avg=0.0, exp_avg_sq=0.0)),
+    "adam-beta0.5": (torch.optim.Adam, dict(betas=(0.5, 0.999)), dict(exp_avg=0.0, exp_avg_sq=0.0)),
+    "adam-beta0": (torch.optim.Adam, dict(betas=(0.0, 0.999)), dict(exp_avg=0.0, exp_avg_sq=0.0)),
+    "adamax": (torch.optim.Adamax, dict(betas=(0.9, 0.999)), dict(exp_avg=0.0, exp_inf=1.0)),
+    "rmsprop": (torch.optim.RMSprop, dict(), dict(square_avg=0.0)),
+    "rmsprop-momentum": (torch.optim.RMSprop, dict(momentum=0.9), dict(square_avg=0.0, momentum_buffer=0.0)),
+    "rmsprop-centered": (
+        torch.optim.RMSprop,
+        dict(momentum=0.5, centered=True),
+        dict(square_avg=0.0, momentum_buffer=0.0, grad_avg=0.0),
+    ),
+    "adagrad": (torch.optim.Adagrad, dict(), dict(sum=0.0)),
+    "adagrad-decay": (torch.optim.Adagrad, dict(lr_decay=1e-6), dict(sum=0.0)),  # step 1e6: lr / 2, then ~constant
+}
+
+
+def run_frozen(case, lr, lam=1.0, steps=3000):
+    """A preconditioned optimizer on lam/2 theta^2 with its preconditioner frozen: gradients (1e-12) far below
+    eps = 1, so the preconditioner is the constant eps (Adamax: its running max, 1). Returns |theta_T| /
+    |theta_0|."""
+    cls, kwargs, state = FROZEN[case]
     theta = torch.nn.Parameter(torch.full((1,), 1e-12, dtype=torch.float64))
-    opt = torch.optim.Adam([theta], lr=lr, eps=1.0, betas=(beta1, 0.999))
-    opt.state[theta] = {
-        "step": torch.tensor(1e8),
-        "exp_avg": torch.zeros_like(theta),
-        "exp_avg_sq": torch.zeros_like(theta),
-    }
+    opt = cls([theta], lr=lr, eps=1.0, **kwargs)
+    opt.state[theta] = {"step": torch.tensor(1e6 if case == "adagrad-decay" else 1e8)}
+    opt.state[theta] |= {key: torch.full_like(theta, value) for key, value in state.items()}
     for _ in range(steps):
         opt.zero_grad()
         (0.5 * lam * theta**2).sum().backward()
@@ -150,26 +171,65 @@ def run_adam_frozen(lr, beta1, lam=1.0, steps=3000):
     return theta.abs().item() / 1e-12
 
 
-@pytest.mark.parametrize("beta1", [0.9, 0.5, 0.0])
-def test_adam_threshold_on_the_preconditioned_quadratic(beta1):
-    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], betas=(beta1, 0.999))
-    threshold = stability_threshold(opt, opt.param_groups[0])  # on lr * lambda / (sqrt(v_hat) + eps)
-    assert run_adam_frozen(0.99 * threshold, beta1) < 1e-3
-    assert run_adam_frozen(1.01 * threshold, beta1) == float("inf")
+@pytest.mark.parametrize("case", list(FROZEN))
+def test_preconditioned_thresholds_are_sharp(case):
+    """Real torch optimizers with their preconditioner frozen diverge 1 % above the threshold on lr * lambda / P and
+    converge 1 % below it (Adagrad with lr_decay after 1e6 steps: its step is lr / 2 there, the threshold 4)."""
+    cls, kwargs, state = FROZEN[case]
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = cls([p], **kwargs)
+    if case == "adagrad-decay":
+        opt.state[p]["step"] = torch.tensor(1e6)
+    threshold = stability_threshold(opt, opt.param_groups[0])
+    if cls is torch.optim.RMSprop:
+        assert threshold == 2 + 2 * kwargs.get("momentum", 0)
+    elif cls is torch.optim.Adagrad:
+        assert threshold == (4.0 if case == "adagrad-decay" else 2.0)
+    else:
+        assert threshold == pytest.approx((2 + 2 * kwargs["betas"][0]) / (1 - kwargs["betas"][0]))
+    assert run_frozen(case, 0.99 * threshold) < 1e-3
+    assert run_frozen(case, 1.01 * threshold) == float("inf")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=0.1, betas=(0.0, 0.999)),
+        lambda ps: torch.optim.Adamax(ps, lr=0.1, betas=(0.0, 0.999)),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.1),
+        lambda ps: torch.optim.RMSprop(ps, lr=0.1, centered=True),
+        lambda ps: torch.optim.Adagrad(ps, lr=0.1),
+    ],
+    ids=["adam", "adamax", "rmsprop", "rmsprop-centered", "adagrad"],
+)
+def test_preconditioner_is_the_scaling_of_the_real_step(make):
+    r"""Without momentum a real step is :math:`\Delta p = -\eta P^{-1} g`, with ``P`` computed from the state the
+    step leaves: ``preconditioner()**2`` is :math:`-\Delta p / (\eta g)`; ``None`` before the first step."""
+    g = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(20, generator=g, dtype=torch.float64))
+    optimizer = make([p])
+    assert preconditioner(optimizer, [p]) is None
+    for _ in range(3):
+        grad = torch.randn(20, generator=g, dtype=torch.float64)
+        before = p.detach().clone()
+        p.grad = grad
+        optimizer.step()
+        expected = -(p.detach() - before) / (0.1 * grad)
+        torch.testing.assert_close(preconditioner(optimizer, [p]) ** 2, expected, rtol=1e-10, atol=0)
 
 
 @pytest.mark.parametrize("eps", [1e-8, 0.0])
-def test_adam_preconditioner_leaves_out_coordinates_below_eps(eps):
+def test_preconditioner_leaves_out_coordinates_below_eps(eps):
     p = torch.nn.Parameter(torch.zeros(5, dtype=torch.float64))
     q = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # not in the optimizer: does not move
     adam = torch.optim.Adam([p], eps=eps)
-    assert adam_preconditioner(adam, [p, q]) is None  # before the first step
+    assert preconditioner(adam, [p, q]) is None  # before the first step
     rms = torch.tensor([0.0, 0.5 * eps, eps, 2 * eps + 1e-9, 1.0], dtype=torch.float64)  # sqrt(v_hat)
     step = 10
     adam.state[p] = {"step": torch.tensor(float(step)), "exp_avg_sq": rms**2 * (1 - 0.999**step)}
     expected = torch.where(rms > eps, (rms + eps).rsqrt(), torch.zeros(()))
     torch.testing.assert_close(
-        adam_preconditioner(adam, [p, q]),
+        preconditioner(adam, [p, q]),
         torch.cat([expected, torch.zeros(2, dtype=torch.float64)]),
         rtol=1e-12,
         atol=0,
