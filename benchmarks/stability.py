@@ -1,7 +1,7 @@
 """Training stability across learning rates: baseline vs CurvatureLRController and the usual remedies.
 
     python benchmarks/stability.py [--seeds 5] [--epochs 8] [--paired-seeds 60]
-        [--parts minibatch cnn fullbatch paired paired-cnn margins overhead]
+        [--parts minibatch cnn fullbatch paired paired-cnn margins overhead optimizers]
 
 Digits MLP 64-128-128-10 (sklearn, 1437 train / 360 validation), plain SGD with mini-batches of 64 (8 epochs)
 and full-batch GD (150 steps), and a digits CNN (two 3x3 convolutions) with the same mini-batches, over learning
@@ -14,8 +14,9 @@ row, independent of the grid). Reported: final validation accuracy (%) averaged 
 diverged (non-finite loss); then each method against the targets: its best LR, its cost at the baseline's best
 LR, and its worst seed up to 8x the baseline's largest stable LR. Then adaptive mode's cost at the baseline's
 best LR over many paired seeds (MLP in full batch, CNN with mini-batches), strict mode with larger margins, and
-the controller's per-step overhead when fed by the registry. The parts run independently (two processes halve the
-wall time).
+the controller's per-step overhead when fed by the registry; and, on the CNN, preconditioned optimizers (Adam,
+Adamax, RMSprop, Adagrad) with and without the adaptive controller opted in to all of them. The parts run
+independently (two processes halve the wall time).
 """
 
 from __future__ import annotations
@@ -66,11 +67,26 @@ def network(arch: str) -> nn.Module:
     )
 
 
+OPTIMIZERS = {
+    "sgd": torch.optim.SGD,
+    "adam": torch.optim.Adam,
+    "adamax": torch.optim.Adamax,
+    "rmsprop": torch.optim.RMSprop,
+    "adagrad": torch.optim.Adagrad,
+}
+
+
+class OptedIn(CurvatureLRController):
+    """The controller throttling every optimizer it has a threshold for (by default not RMSprop and Adagrad)."""
+
+    CONTROLLED_OPTIMIZERS = tuple(OPTIMIZERS.values())
+
+
 class Digits(LightningModule):
-    def __init__(self, lr: float, method: str, total_steps: int, arch: str = "mlp") -> None:
+    def __init__(self, lr: float, method: str, total_steps: int, arch: str = "mlp", optimizer: str = "sgd") -> None:
         super().__init__()
         self.net = network(arch)
-        self.lr, self.method, self.total_steps = lr, method, total_steps
+        self.lr, self.method, self.total_steps, self.optimizer = lr, method, total_steps, optimizer
         self.diverged = False
 
     def training_step(self, batch, batch_idx):
@@ -83,7 +99,7 @@ class Digits(LightningModule):
     def configure_optimizers(self):
         if self.method == "adgd":
             return AdGD(self.parameters(), lr=self.lr)
-        opt = torch.optim.SGD(self.parameters(), lr=self.lr)
+        opt = OPTIMIZERS[self.optimizer](self.parameters(), lr=self.lr)
         if self.method != "warmup":
             return opt
         warm = max(1, self.total_steps // 5)
@@ -125,20 +141,27 @@ class AdGD(torch.optim.Optimizer):
 
 
 def run(
-    lr: float, method: str, seed: int, epochs: int, full_batch: bool, margin: float = 0.5, arch: str = "mlp"
+    lr: float,
+    method: str,
+    seed: int,
+    epochs: int,
+    full_batch: bool,
+    margin: float = 0.5,
+    arch: str = "mlp",
+    optimizer: str = "sgd",
 ) -> float | None:
     """Validation accuracy (%) after training, ``None`` if the loss became non-finite; ``margin`` of the controller."""
     torch.manual_seed(seed)
     train, (xv, yv) = data(full_batch)
     steps = epochs * len(train)
-    model = Digits(lr, method, steps, arch)
+    model = Digits(lr, method, steps, arch, optimizer)
     callbacks: list[Callback] = []
     if method in CurvatureLRController.MODES:
         callbacks = [
             HessianEigenMonitor(
                 every_n_steps=5 if full_batch else 10, max_iter=5, num_samples=256, cold_every_n_runs=0
             ),
-            CurvatureLRController(mode=method, signal="hessian", margin=margin),
+            OptedIn(mode=method, signal="hessian", margin=margin),
         ]
     trainer = quiet_trainer(max_epochs=epochs, gradient_clip_val=1.0 if method == "clip" else None, callbacks=callbacks)
     trainer.fit(model, train)
@@ -332,12 +355,29 @@ def paired_cost(seeds: int, lr: float, full_batch: bool, arch: str, epochs: int)
     )
 
 
+def optimizer_sweep(seeds: int, epochs: int) -> None:
+    """Digits CNN with mini-batches: preconditioned optimizers over a decade below and above a usual LR, without and
+    with the adaptive controller (opted in for all)."""
+    grid = {"adam": [1e-3, 1e-2, 1e-1], "adamax": [2e-3, 2e-2, 2e-1], "rmsprop": [1e-3, 1e-2, 1e-1]}
+    grid["adagrad"] = [1e-2, 1e-1, 1.0]
+    print(f"\n## Preconditioned optimizers, digits CNN, batch 64, {epochs} epochs, {seeds} seeds\n")
+    print("| optimizer | lr | baseline | adaptive controller |")
+    print("|---|---|---|---|")
+    for optimizer, lrs in grid.items():
+        for lr in lrs:
+            cells = [
+                cell([run(lr, m, s, epochs, False, arch="cnn", optimizer=optimizer) for s in range(seeds)], True)
+                for m in ("baseline", "adaptive")
+            ]
+            print(f"| {optimizer} | {lr:g} | {cells[0]} | {cells[1]} |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--paired-seeds", type=int, default=60)
-    parts = ["minibatch", "cnn", "fullbatch", "paired", "paired-cnn", "margins", "overhead"]
+    parts = ["minibatch", "cnn", "fullbatch", "paired", "paired-cnn", "margins", "overhead", "optimizers"]
     parser.add_argument("--parts", nargs="+", choices=parts, default=parts)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -355,6 +395,8 @@ def main() -> None:
         margin_sweep(args.seeds, args.epochs, [0.5, 0.7, 0.9], [0.3, 1.0, 4.0, 32.0])
     if "overhead" in args.parts:
         overhead(5)
+    if "optimizers" in args.parts:
+        optimizer_sweep(args.seeds, args.epochs)
 
 
 if __name__ == "__main__":

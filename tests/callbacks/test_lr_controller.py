@@ -222,19 +222,37 @@ def model_with(make):
     return Model(mlp())
 
 
+class OptIn(CurvatureLRController):
+    CONTROLLED_OPTIMIZERS = (
+        *CurvatureLRController.CONTROLLED_OPTIMIZERS,
+        torch.optim.RMSprop,
+        torch.optim.Adagrad,
+    )
+
+
 @pytest.mark.parametrize("name", list(PRECONDITIONED))
 def test_preconditioned_optimizers_use_their_threshold(tmp_path, name):
+    """Adam and Adamax by default; RMSprop and Adagrad once a subclass opts in."""
     make, threshold = PRECONDITIONED[name]
-    controller = CurvatureLRController(mode="strict", margin=0.5)
+    controller = (CurvatureLRController if name in ("adam", "adamax") else OptIn)(mode="strict", margin=0.5)
     fit(tmp_path, model_with(make), [FixedSignal(lambda step: 2 * threshold), controller])  # ratio 2
     assert controller.states[0].throttle == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize("name", ["rmsprop", "adagrad"])
+def test_other_preconditioned_optimizers_are_left_alone_by_default(tmp_path, name):
+    make, threshold = PRECONDITIONED[name]
+    controller = CurvatureLRController(mode="strict", margin=0.5)
+    with pytest.warns(UserWarning, match="does not throttle .* by default: its preconditioner is far from settled"):
+        fit(tmp_path, model_with(make), [FixedSignal(lambda step: 2 * threshold), controller])
+    assert controller.states[0].throttle == 1.0
 
 
 @pytest.mark.parametrize("name", ["adam", "adagrad"])
 def test_with_adam_the_first_measurement_follows_adams_first_step(tmp_path, name):
     """The preconditioned Hessian needs a second moment: the first measurement, impossible before the first step,
     runs on the next batch instead of waiting for the probe's cadence (Adagrad's state exists from the start)."""
-    controller = CurvatureLRController(probe_every_n_steps=50)
+    controller = OptIn(probe_every_n_steps=50)
     trainer = fit(tmp_path, model_with(PRECONDITIONED[name][0]), [controller], max_steps=3)
     registry = LipRegistry.of(trainer)
     assert registry.step_of("hessian/lambda_max") == 1 and registry.get("hessian/preconditioned") is True
