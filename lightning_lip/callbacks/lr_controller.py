@@ -537,7 +537,6 @@ def _no_control(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str:
     return (
         f"CurvatureLRController does not throttle {name} by default: its preconditioner is far from settled early in "
         "training, and exceeding the frozen-preconditioner threshold there is harmless (the throttle cost 1-2 "
-        "accuracy points on digits and protected nothing). HessianEigenMonitor still reports its stability ratio; add "
-        "the class to "
-        "`CONTROLLED_OPTIMIZERS` of a subclass to opt in."
+        "accuracy points on digits and protected nothing). HessianEigenMonitor still reports its stability ratio. "
+        "To opt in, add the class to `CONTROLLED_OPTIMIZERS` in a subclass."
     )

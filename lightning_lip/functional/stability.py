@@ -22,8 +22,14 @@ import torch
 from torch import Tensor
 
 _EMA_MOMENTUM = (torch.optim.Adam, torch.optim.AdamW, torch.optim.Adamax)  # m = beta1 m + (1 - beta1) g
-PRECONDITIONED = (*_EMA_MOMENTUM, torch.optim.RMSprop, torch.optim.Adagrad)
-_SECOND_MOMENT = {torch.optim.Adamax: "exp_inf", torch.optim.RMSprop: "square_avg", torch.optim.Adagrad: "sum"}
+_SECOND_MOMENT = {  # the state entry each preconditioner is computed from
+    torch.optim.Adam: "exp_avg_sq",
+    torch.optim.AdamW: "exp_avg_sq",
+    torch.optim.Adamax: "exp_inf",
+    torch.optim.RMSprop: "square_avg",
+    torch.optim.Adagrad: "sum",
+}
+PRECONDITIONED = tuple(_SECOND_MOMENT)
 
 
 def stability_threshold(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
@@ -79,7 +85,7 @@ def preconditioner(optimizer: torch.optim.Optimizer, params: list[Tensor]) -> Te
 
 def _has_stepped(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> bool:
     """Whether ``state`` holds a second moment from at least one step (Adagrad's exists from the start)."""
-    key = _SECOND_MOMENT.get(type(optimizer), "exp_avg_sq")
+    key = next(key for cls, key in _SECOND_MOMENT.items() if isinstance(optimizer, cls))
     return key in state and float(state["step"]) > 0
 
 
