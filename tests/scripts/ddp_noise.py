@@ -1,5 +1,6 @@
-"""2-process DDP run of GradientNoiseEstimator; each rank saves its last metrics, batch shard and parameters, and
-the steps a time-budgeted estimator measured when the ranks' clocks disagree (rank 0 always within budget)."""
+"""2-process DDP run of GradientNoiseEstimator, with gradient clipping that binds; each rank saves its last metrics,
+batch shard and parameters, and the steps a time-budgeted estimator measured when the ranks' clocks disagree (rank 0
+always within budget)."""
 
 import os
 import sys
@@ -34,7 +35,7 @@ if __name__ == "__main__":
     TimeBudget.allows = lambda self, now: rank == 0
     noise, budgeted = LastBatch(every_n_steps=2), Steps(layers=["net.0"])
     budgeted.steps = []
-    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[noise, budgeted], max_epochs=5))
+    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[noise, budgeted], max_epochs=5, gradient_clip_val=0.05))
     trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))  # 20 steps; measured before every even one
     (x, y), params = noise.seen
     last = {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")}
