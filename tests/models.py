@@ -59,13 +59,15 @@ class TinyRNN(nn.Module):
 
 
 class Classifier(LightningModule):
-    """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional)."""
+    """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional), or the optimizer that
+    ``optimizer(parameters)`` makes."""
 
-    def __init__(self, net: nn.Module, lr: float = 0.1, momentum: float = 0.0) -> None:
+    def __init__(self, net: nn.Module, lr: float = 0.1, momentum: float = 0.0, optimizer=None) -> None:
         super().__init__()
         self.net = net
         self.lr = lr
         self.momentum = momentum
+        self.make_optimizer = optimizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -77,6 +79,8 @@ class Classifier(LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if self.make_optimizer is not None:
+            return self.make_optimizer(self.parameters())
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
 
 

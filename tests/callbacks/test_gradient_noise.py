@@ -276,12 +276,8 @@ def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     ids=["adamax", "rmsprop", "adagrad"],
 )
 def test_other_preconditioned_optimizers_predict_their_steps(tmp_path, make, recwarn):
-    class Model(Classifier):
-        def configure_optimizers(self):
-            return make(self.parameters())
-
     noise = GradientNoiseEstimator(every_n_steps=2)
-    fit(tmp_path, Model(mlp()), random_data(64), [noise], max_epochs=2)
+    fit(tmp_path, Classifier(mlp(), optimizer=make), random_data(64), [noise], max_epochs=2)
     assert noise.n_runs == 4 and math.isfinite(noise.last["lip/noise/log_lipschitz_drift"])
     assert not [w for w in recwarn if "no linear step map" in str(w.message)]
 

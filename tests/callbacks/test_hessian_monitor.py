@@ -226,12 +226,7 @@ PRECONDITIONED = {  # optimizer, its preconditioner P from its state (the docume
 @pytest.mark.parametrize("name", list(PRECONDITIONED))
 def test_preconditioned_optimizers_use_the_preconditioned_hessian(tmp_path, name):
     make, from_state, threshold = PRECONDITIONED[name]
-
-    class Model(Float64Classifier):
-        def configure_optimizers(self):
-            return make(self.parameters())
-
-    model = Model(mlp((5, 6, 3)).double())
+    model = Float64Classifier(mlp((5, 6, 3)).double(), optimizer=make)
     monitor = HessianEigenMonitor(every_n_steps=2, tol=1e-8, max_iter=200, num_samples=16, converge_min=True)
     trainer = fit(tmp_path, model, random_data(16, (5,), classes=3), [monitor], max_epochs=2)
     opt = trainer.optimizers[0]

@@ -214,14 +214,6 @@ PRECONDITIONED = {  # optimizer at lr 1 and its threshold
 }
 
 
-def model_with(make):
-    class Model(Classifier):
-        def configure_optimizers(self):
-            return make(self.parameters())
-
-    return Model(mlp())
-
-
 class OptIn(CurvatureLRController):
     CONTROLLED_OPTIMIZERS = (
         *CurvatureLRController.CONTROLLED_OPTIMIZERS,
@@ -235,7 +227,7 @@ def test_preconditioned_optimizers_use_their_threshold(tmp_path, name):
     """Adam and Adamax by default; RMSprop and Adagrad once a subclass opts in."""
     make, threshold = PRECONDITIONED[name]
     controller = (CurvatureLRController if name in ("adam", "adamax") else OptIn)(mode="strict", margin=0.5)
-    fit(tmp_path, model_with(make), [FixedSignal(lambda step: 2 * threshold), controller])  # ratio 2
+    fit(tmp_path, Classifier(mlp(), optimizer=make), [FixedSignal(lambda step: 2 * threshold), controller])  # ratio 2
     assert controller.states[0].throttle == pytest.approx(0.25)
 
 
@@ -244,7 +236,7 @@ def test_other_preconditioned_optimizers_are_left_alone_by_default(tmp_path, nam
     make, threshold = PRECONDITIONED[name]
     controller = CurvatureLRController(mode="strict", margin=0.5)
     with pytest.warns(UserWarning, match="does not throttle .* by default: its preconditioner is far from settled"):
-        fit(tmp_path, model_with(make), [FixedSignal(lambda step: 2 * threshold), controller])
+        fit(tmp_path, Classifier(mlp(), optimizer=make), [FixedSignal(lambda step: 2 * threshold), controller])
     assert controller.states[0].throttle == 1.0
 
 
@@ -253,7 +245,7 @@ def test_with_adam_the_first_measurement_follows_adams_first_step(tmp_path, name
     """The preconditioned Hessian needs a second moment: the first measurement, impossible before the first step,
     runs on the next batch instead of waiting for the probe's cadence (Adagrad's state exists from the start)."""
     controller = OptIn(probe_every_n_steps=50)
-    trainer = fit(tmp_path, model_with(PRECONDITIONED[name][0]), [controller], max_steps=3)
+    trainer = fit(tmp_path, Classifier(mlp(), optimizer=PRECONDITIONED[name][0]), [controller], max_steps=3)
     registry = LipRegistry.of(trainer)
     assert registry.step_of("hessian/lambda_max") == 1 and registry.get("hessian/preconditioned") is True
     assert controller.states[0].throttle < 1  # lr 1 is far beyond the threshold
