@@ -207,6 +207,7 @@ class CurvatureLRController(Callback):
         self.states: list[ThrottleState] = []
         self._probe: HessianEigenMonitor | None = None
         self._bootstrapped = False
+        self._controls = False  # whether the threshold of any param group is known: else measuring is pointless
         self._last_signal: tuple[float, int] | None = None  # restored from a checkpoint
         self._registry: LipRegistry | None = None
         self._scheduled: list[float] | None = None
@@ -297,6 +298,7 @@ class CurvatureLRController(Callback):
             self._warn("optimizers", "CurvatureLRController controls the first optimizer only.")
         if len(self.states) != len(optimizer.param_groups):
             self.states = [ThrottleState(bound=self.initial_bound) for _ in optimizer.param_groups]
+        self._controls = any(self.threshold(optimizer, group) is not None for group in optimizer.param_groups)
         self._handles = [
             optimizer.register_step_pre_hook(partial(self._before_step, trainer)),
             optimizer.register_step_post_hook(self._after_step),
@@ -306,7 +308,7 @@ class CurvatureLRController(Callback):
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # No signal before the first measurement: measure once on this batch, so that the first steps are guarded too
         # (on the next batch again if there is nothing to measure yet: lazy modules, Adam before its first step).
-        if "hessian/lambda_max" not in LipRegistry.of(trainer) and not self._bootstrapped:
+        if self._controls and "hessian/lambda_max" not in LipRegistry.of(trainer) and not self._bootstrapped:
             self._bootstrapped = (self._probe or self._make_probe()).measure(trainer, pl_module, [batch]) is not None
 
     def _signal(self, trainer: Trainer, registry: LipRegistry, step: int) -> float | None:
@@ -469,7 +471,7 @@ class CurvatureLRController(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        if self._probe is not None:
+        if self._probe is not None and self._controls:
             self._probe.on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self._rows and trainer._logger_connector.should_update_logs:
             # Lightning repeats a step metric's last value on the loggers' steps until the epoch ends: the counters

@@ -240,6 +240,14 @@ def test_other_preconditioned_optimizers_are_left_alone_by_default(tmp_path, nam
     assert controller.states[0].throttle == 1.0
 
 
+def test_an_optimizer_left_alone_is_not_measured(tmp_path):
+    """Without a threshold the own probe would measure for nothing: it does not run, and the LR is the scheduled one."""
+    controller = CurvatureLRController(probe_every_n_steps=2)
+    with pytest.warns(UserWarning, match="does not throttle RMSprop by default"):
+        trainer = fit(tmp_path, Classifier(mlp(), optimizer=PRECONDITIONED["rmsprop"][0]), [controller], max_steps=6)
+    assert "hessian/lambda_max" not in LipRegistry.of(trainer) and controller.states[0].throttle == 1.0
+
+
 @pytest.mark.parametrize("name", ["adam", "adagrad"])
 def test_with_adam_the_first_measurement_follows_adams_first_step(tmp_path, name):
     """The preconditioned Hessian needs a second moment: the first measurement, impossible before the first step,
