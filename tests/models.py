@@ -33,6 +33,29 @@ def cnn(channels: int = 1, classes: int = 4, padding_mode: str = "circular") -> 
     )
 
 
+def conv1d(padding_mode: str = "zeros", classes: int = 3) -> nn.Sequential:
+    """For ``[B, 2, L]`` sequences of any length ``L``."""
+    return nn.Sequential(
+        nn.Conv1d(2, 4, 3, padding=1, padding_mode=padding_mode),
+        nn.ReLU(),
+        nn.Conv1d(4, 4, 3, stride=2, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(4, classes),
+    )
+
+
+def sequences(lengths: tuple[int, ...] = (9, 16, 5, 12, 7, 11), batch: int = 8, classes: int = 3) -> DataLoader:
+    """Batches of ``batch`` sequences ``[batch, 2, L]``, one length ``L`` per batch, as a loader that does not batch
+    (``batch_size=None``: its items are the batches)."""
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(batch, 2, n, generator=g), torch.randint(0, classes, (batch,), generator=g)) for n in lengths
+    ]
+    return DataLoader(batches, batch_size=None)
+
+
 class TinyTransformer(nn.Module):
     """One ``nn.TransformerEncoderLayer`` (scaled dot-product attention) and a linear head, for ``[B, 5, 8]``."""
 

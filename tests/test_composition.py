@@ -24,7 +24,7 @@ from lightning_lip import (
     LipRegistry,
 )
 from lightning_lip.callbacks._common import measurement_mode
-from tests.models import Classifier, Encoding, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, Encoding, cnn, conv1d, loader, mlp, random_data, sequences, trainer_kwargs
 from tests.reference import dense_operator_norm
 
 
@@ -139,6 +139,28 @@ def test_resume_equals_uninterrupted(tmp_path, container):
     second = four()
     resumed = run(tmp_path / "b", second, max_epochs=4, ckpt=tmp_path / "c.ckpt", container=container)
     assert_same(summary(*resumed, second), expected)
+
+
+def test_inputs_of_varying_size_resume_equals_uninterrupted(tmp_path):
+    """Sequences of another length in every batch: the convolutions are measured on the largest shapes seen, which
+    the checkpoints keep, so a run resumed after the first epoch (whose first batch is shorter than the longest)
+    equals the uninterrupted one."""
+
+    def fit(path, callbacks, max_epochs, ckpt=None):
+        torch.manual_seed(0)
+        model = Classifier(conv1d(), lr=5.0, momentum=0.5)  # large enough for the controller to cut
+        trainer = Trainer(callbacks=callbacks, **trainer_kwargs(path, max_epochs=max_epochs))
+        trainer.fit(model, sequences(), ckpt_path=ckpt)
+        return trainer, model
+
+    full = four()
+    expected = summary(*fit(tmp_path / "a", full, 4), full)
+    assert "lip/noise/drift/net.0" in full[2].last and full[3].states[0].n_cuts > 0
+    first = four()
+    trainer, _ = fit(tmp_path / "b", first, 2)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    second = four()
+    assert_same(summary(*fit(tmp_path / "b", second, 4, tmp_path / "c.ckpt"), second), expected)
 
 
 def test_a_checkpoints_probe_that_does_not_fit_the_resumed_batches_is_collected_anew(tmp_path):

@@ -230,11 +230,21 @@ class TimeBudget:
 
 
 class LayerShapes:
-    """One sample's input and output shapes of convolutions, recorded by forward hooks, and the layers' true
-    operators."""
+    r"""One sample's input and output shapes of convolutions, recorded by forward hooks, and the layers' true
+    operators on them.
+
+    A convolution that runs on inputs of several sizes (variable-length sequences, random crops, larger images in
+    validation, an image pyramid) is measured on the largest: the elementwise maximum of every shape seen, input and
+    output (the output's maximum is that of the largest input, a transposed convolution's largest output padding
+    included). With zero padding that norm bounds the norm at every size seen: the operator on a smaller input is a
+    compression :math:`P A E` of the one on a larger input (:math:`E` pads the input with zeros at the end,
+    :math:`P` keeps the first outputs), so :math:`\|P A E\|_2 \le \|A\|_2`. Other padding modes give no such
+    order; :attr:`varied` names the layers whose sizes have varied.
+    """
 
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self.varied: set[str] = set()
         self._handles: list[Any] = []
 
     def attach(self, layers: dict[str, nn.Module]) -> None:
@@ -244,7 +254,16 @@ class LayerShapes:
                 self._handles.append(layer.register_forward_hook(partial(self._record, name)))
 
     def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        self.shapes[name] = (sample_shape(module, args[0]), sample_shape(module, output))
+        self.update(name, (sample_shape(module, args[0]), sample_shape(module, output)))
+
+    def update(self, name: str, shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
+        """Take ``(input_shape, output_shape)`` of one sample of layer ``name`` into the elementwise maxima."""
+        seen = self.shapes.get(name)
+        if seen != shapes:
+            if seen is not None:
+                self.varied.add(name)
+                shapes = tuple(tuple(map(max, old, new)) for old, new in zip(seen, shapes))  # type: ignore[assignment]
+            self.shapes[name] = shapes
 
     def input_shape(self, name: str, layer: nn.Module) -> tuple[int, ...] | None:
         """One sample's input shape; ``None`` for a convolution that has not run yet."""

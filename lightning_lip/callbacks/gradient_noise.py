@@ -516,6 +516,7 @@ class GradientNoiseEstimator(Callback):
             "vectors": {name: v.cpu() for name, v in self._vectors.items()},
             "generator": self._generator.get_state(),
             "budget": self._budget.state_dict(time.perf_counter()),
+            "shapes": dict(self._shapes.shapes),
         }
 
     @override
@@ -526,6 +527,8 @@ class GradientNoiseEstimator(Callback):
         self._vectors = dict(state_dict["vectors"])
         self._generator.set_state(state_dict["generator"])
         self._budget.load_state_dict(state_dict["budget"])
+        for name, shapes in state_dict.get("shapes", {}).items():  # absent from checkpoints of 0.1
+            self._shapes.update(name, shapes)
 
 
 def _own_weight(layer: nn.Module) -> bool:

@@ -65,10 +65,11 @@ class KappaBudgetProjection(Callback):
     previous step's singular vectors (the operator and its adjoint in turn: each weight is read once), asks
     :meth:`allocate` for budgets :math:`\kappa_l` with :math:`\prod_l \kappa_l \le L_{max}`, and rescales :math:`W_l
     \leftarrow W_l \min(1, \kappa_l/\sigma_l)`. Layers under budget stay bit-identical. For convolutions the norm is
-    that of the true operator on the layer's input shape as recorded in the last forward pass (stride, padding, padding
-    mode, dilation and groups included), not that of the reshaped kernel. Every ``audit_every_n_steps`` steps, and
-    whenever a layer starts cold, the norm is measured tightly by Lanczos instead. Layers that cannot be certified
-    (attention, normalization, embeddings, ...) are listed once in a warning: the logged bound assumes them 1-Lipschitz.
+    that of the true operator on the largest input shape the layer has run on (stride, padding, padding mode, dilation
+    and groups included; with zero padding it bounds the norm at every smaller size), not that of the reshaped kernel.
+    Every ``audit_every_n_steps`` steps, and whenever a layer starts cold, the norm is measured tightly by Lanczos
+    instead. Layers that cannot be certified (attention, normalization, embeddings, ...) are listed once in a
+    warning: the logged bound assumes them 1-Lipschitz.
     A parametrized weight (weight normalization) is rescaled through its parametrization's ``right_inverse``. Layers
     that cannot be rescaled (frozen, or a parametrization that does not take a rescaled weight, such as
     ``spectral_norm``'s) keep their norm, warned once; the factor by which they exceed their budgets is taken from the
@@ -282,6 +283,8 @@ class KappaBudgetProjection(Callback):
         operators = {name: op for name, layer in self._layers.items() if (op := self._operator(name, layer))}
         if not operators:
             return
+        if self._shapes.varied:
+            self._warn_varied()
         with _autocast_off(trainer.strategy.root_device.type):
             triplets = {name: self._measure(name, op, audit) for name, op in operators.items()}
             estimates = torch.stack([e for t in triplets.values() for e in (t.sigma, t.sigma_prev)]).tolist()
@@ -344,6 +347,20 @@ class KappaBudgetProjection(Callback):
             f"Layer {name!r} {reason}: it is not rescaled; its norm counts in the bound, and the other layers' "
             "budgets shrink to make up for it.",
         )
+
+    def _warn_varied(self) -> None:
+        """Warn about convolutions that pad with something other than zeros and have run on inputs of several sizes:
+        their norm is measured at the largest size, and may be larger at another one."""
+        for name in self._shapes.varied:
+            mode = getattr(self._layers[name], "padding_mode", "zeros")
+            if mode != "zeros":
+                self._warn(
+                    f"varied/{name}",
+                    f"Layer {name!r} (padding_mode={mode!r}) has run on inputs of several sizes: its norm is measured "
+                    f"on the largest, {self._shapes.input_shape(name, self._layers[name])}, and may be larger at "
+                    "another size; the bound holds at that size. (With zero padding the largest size bounds them "
+                    "all.)",
+                )
 
     def _operator(self, name: str, layer: nn.Module) -> Operator | None:
         operator = self._shapes.operator(name, layer)
@@ -466,10 +483,13 @@ class KappaBudgetProjection(Callback):
             "n_skipped": self._n_skipped,
             "unscalable": sorted(self._unscalable),
             "generator": self._generator.get_state(),
+            "shapes": dict(self._shapes.shapes),
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, shapes in state_dict.get("shapes", {}).items():  # absent from checkpoints of 0.1
+            self._shapes.update(name, shapes)
         self._vectors = dict(state_dict["vectors"])
         self._left_vectors = dict(state_dict.get("left_vectors", {}))  # absent from checkpoints of 0.1
         self._sigmas = dict(state_dict["sigmas"])

@@ -8,8 +8,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 
 from lightning_lip import KappaBudgetProjection, LipRegistry
-from lightning_lip.functional.spectral import SUPPORTED_LAYERS
-from tests.models import Classifier, cnn, loader, mlp, random_data, trainer_kwargs
+from lightning_lip.callbacks._common import LayerShapes
+from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, random_start
+from tests.models import Classifier, cnn, conv1d, loader, mlp, random_data, sequences, trainer_kwargs
 from tests.reference import dense_operator_norm, input_jacobian_norms
 
 
@@ -250,6 +251,111 @@ def test_resume_from_a_state_without_left_vectors(tmp_path):
     for norms, kappas, _ in dense.records:
         for name, norm in norms.items():
             assert norm <= kappas[name] * (1 + 1e-3)
+
+
+def variable_length_run(padding_mode="zeros"):
+    """Sequences whose length changes every batch (the longest, 16, is neither the first nor the last)."""
+    torch.manual_seed(0)
+    return Classifier(conv1d(padding_mode), lr=0.05), sequences()
+
+
+class EverySize(Callback):
+    """After each batch, every convolution's dense norm at each input length seen so far, and the budgets."""
+
+    def __init__(self, projection):
+        self.projection = projection
+        self.lengths = []
+        self.records = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.lengths.append(batch[0].shape[-1])
+        first, second = pl_module.net[0], pl_module.net[2]
+        norms = {  # the longest first
+            "net.0": [dense_operator_norm(first, (2, n)) for n in sorted(self.lengths, reverse=True)],
+            "net.2": [dense_operator_norm(second, (4, n)) for n in sorted(self.lengths, reverse=True)],
+            "net.6": [dense_operator_norm(pl_module.net[6])],
+        }
+        self.records.append((norms, dict(self.projection._current_kappas), dict(self.projection.sigmas)))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "circular"])
+def test_inputs_of_varying_size_are_measured_at_the_largest(tmp_path, padding_mode):
+    """Each convolution is measured on the longest input it has run on. With zero padding that norm bounds its
+    norm at every length seen, so every length meets the budgets and the product of the worst lengths' norms stays
+    under ``max_lipschitz``; with circular padding it does not: a warning says so, once."""
+    model, data = variable_length_run(padding_mode)
+    proj = KappaBudgetProjection(max_lipschitz=0.5, audit_every_n_steps=0)
+    every = EverySize(proj)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(callbacks=[proj, every], **trainer_kwargs(tmp_path)).fit(model, data)
+    varied = [w for w in caught if "several sizes" in str(w.message)]
+    assert len(varied) == (padding_mode != "zeros")
+    assert proj._shapes.shapes["net.0"] == ((2, 16), (4, 16)) and proj._shapes.shapes["net.2"] == ((4, 16), (4, 8))
+    for norms, kappas, sigmas in every.records:
+        for name, (at_longest, *shorter) in norms.items():
+            # The per-step estimate after moderate steps: within 1e-3 of the dense norm, as for a fixed size.
+            assert sigmas[name] == pytest.approx(at_longest, rel=1e-3)
+            assert at_longest <= kappas[name] * (1 + 1e-3)
+            if padding_mode == "zeros":
+                assert max(shorter, default=0.0) <= at_longest * (1 + 1e-9)
+        if padding_mode == "zeros":
+            assert math.prod(max(n) for n in norms.values()) <= 0.5 * (1 + 1e-2)
+
+
+def test_largest_shapes_in_two_dimensions_bound_every_call():
+    """A transposed convolution called on 4x6 and 6x4 inputs, with output sizes given at call time or not: the
+    operator on the elementwise largest input and output shapes (6x6 to 11x12, never seen together) is valid, equals
+    the layer's dense map there, and its norm bounds that of every call seen."""
+    layer = nn.ConvTranspose2d(2, 3, 3, stride=2, padding=1).double()
+    shapes = LayerShapes()
+    shapes.attach({"up": layer})
+    calls = [((4, 6), [8, 12]), ((6, 4), None), ((5, 5), [10, 10])]
+    for size, output_size in calls:
+        layer(torch.zeros(1, 2, *size, dtype=torch.float64), output_size=output_size)
+    assert shapes.shapes["up"] == ((2, 6, 6), (3, 11, 12)) and shapes.varied == {"up"}
+
+    def dense_norm(size, output_size):
+        def f(z):
+            return (
+                layer(z.unsqueeze(0), output_size=output_size)[0]
+                - layer(0 * z.unsqueeze(0), output_size=output_size)[0]
+            )
+
+        jacobian = torch.func.jacrev(f)(torch.zeros(2, *size, dtype=torch.float64))
+        return torch.linalg.matrix_norm(jacobian.reshape(-1, 2 * size[0] * size[1]), 2).item()
+
+    sigma = lanczos_svd(shapes.operator("up", layer), random_start((2, 6, 6), layer.weight), tol=1e-12).sigma.item()
+    assert sigma == pytest.approx(dense_norm((6, 6), [11, 12]), rel=1e-9)
+    for size, output_size in calls:
+        assert dense_norm(size, output_size) <= sigma * (1 + 1e-9)
+    shapes.remove()
+
+
+def test_resume_with_inputs_of_varying_size_equals_uninterrupted(tmp_path):
+    """The largest sizes seen are in the checkpoint: the resumed run, whose first batch is shorter than the
+    longest of the first epoch, measures on the same sizes as the uninterrupted run."""
+
+    def cb():
+        return KappaBudgetProjection(max_lipschitz=0.5, audit_every_n_steps=4)
+
+    full, data = variable_length_run()
+    Trainer(callbacks=[cb()], **trainer_kwargs(tmp_path / "a", max_epochs=2)).fit(full, data)
+
+    half, data = variable_length_run()
+    first = cb()
+    t1 = Trainer(callbacks=[first], **trainer_kwargs(tmp_path / "b", max_epochs=1))
+    t1.fit(half, data)
+    ckpt = tmp_path / "half.ckpt"
+    t1.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=True)["callbacks"][first.state_key]["shapes"]["net.0"] == ((2, 16), (4, 16))
+
+    resumed, data = variable_length_run()
+    second = cb()
+    Trainer(callbacks=[second], **trainer_kwargs(tmp_path / "b", max_epochs=2)).fit(resumed, data, ckpt_path=ckpt)
+    assert second.n_projections == 12
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
 
 
 def test_state_key_distinguishes_configurations():
