@@ -554,10 +554,16 @@ def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> di
 
 def _effective_batch(trainer: Trainer, global_batch: int) -> float:
     """Samples averaged by one step, :math:`B = ` ``global_batch`` x accumulated batches, corrected for sampling
-    without replacement from the training set when its size ``N`` is known: :math:`B(N-1)/(N-B)`."""
+    without replacement from the training set when its size ``N`` is known: :math:`B(N-1)/(N-B)`.
+
+    ``N`` is the length of the data set where the loader batches its samples; where it does not
+    (``batch_size=None``: each item is a batch already, or a sampler yields the indices of a batch), ``N`` is the
+    loader's length in batches times ``global_batch``.
+    """
     b = float(global_batch * trainer.accumulate_grad_batches)
+    loader = trainer.train_dataloader
     try:
-        n = len(trainer.train_dataloader.dataset)
+        n = len(loader.dataset) if loader.batch_sampler is not None else len(loader) * global_batch
     except (AttributeError, TypeError):
         return b
     return b * (n - 1) / (n - b) if n > b else math.inf

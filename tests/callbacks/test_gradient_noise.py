@@ -271,6 +271,29 @@ def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     assert noise.step_batches == [pytest.approx(32 * 63 / (64 - 32))] * 2  # accumulated batch, without replacement
 
 
+@pytest.mark.parametrize("kind", ["items-are-batches", "sampler-of-batches"])
+def test_loaders_that_do_not_batch_count_the_samples_of_their_batches(tmp_path, kind):
+    """With ``batch_size=None`` the data set's items are batches (or a sampler yields a batch's indices): ``N`` is
+    the loader's length in batches times the batch size, and every statistic equals that of the same samples
+    batched by the loader. (``len(dataset)`` of a list of 4 batches of 16 read as 4 samples: no noise at all.)"""
+    data = random_data(64)
+    if kind == "items-are-batches":
+        unbatched = DataLoader([data[i : i + 16] for i in range(0, 64, 16)], batch_size=None)
+    else:
+        sampler = torch.utils.data.BatchSampler(torch.utils.data.SequentialSampler(data), 16, drop_last=False)
+        unbatched = DataLoader(data, sampler=sampler, batch_size=None)
+
+    def last(data_loader):
+        torch.manual_seed(0)
+        noise = GradientNoiseEstimator(every_n_steps=2)
+        Trainer(callbacks=[noise], **trainer_kwargs(tmp_path)).fit(Classifier(mlp()), data_loader)
+        return {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")}
+
+    batched = last(loader(data))
+    assert batched["lip/noise/diffusion/net.2"] > 0
+    assert last(unbatched) == pytest.approx(batched, rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "make",
     [
