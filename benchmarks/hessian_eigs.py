@@ -9,8 +9,9 @@
    stop (the first iteration whose error is <= 1e-3). eigsh gets ``tol=1e-3`` and, warm, ``v0`` = previous eigenvector.
 2. A digits MLP (sklearn, 2410 parameters) after a few epochs, probe of 256 samples: lambda_max against the
    dense Hessian (``torch.autograd.functional.hessian`` + ``eigvalsh``), HVPs and seconds.
-3. The cost of one HVP as a multiple of one gradient, and the amortized overhead of HessianEigenMonitor at its
-   default cadence (every 200 steps) on the digits CNN.
+3. The cost of one HVP as a multiple of one gradient (ours, a plain-autograd double backward, and torch.func's
+   forward-over-reverse), and the amortized overhead of HessianEigenMonitor at its default cadence (every
+   200 steps) on the digits CNN.
 """
 
 from __future__ import annotations
@@ -254,19 +255,38 @@ def real_model(seeds: int) -> None:
             f"| {name} | {statistics.median(hvps):.0f} | {max(hvps)} | {statistics.median(errors):.1e} | "
             f"{max(errors):.1e} | {statistics.median(seconds[name]):.3f} |"
         )
-    # one HVP vs one gradient, same function and batch
-    grad = torch.func.grad(flat_loss)
-    v = torch.randn(n, dtype=torch.float64)
-    t_grad, t_hvp = [], []
-    for _ in range(30):
-        t = time.perf_counter()
-        grad(flat)
-        t_grad.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        hvp(v)
-        t_hvp.append(time.perf_counter() - t)
-    ratio = statistics.median(t_hvp) / statistics.median(t_grad)
-    print(f"\nOne HVP costs {ratio:.1f} gradients (median of 30, {1e3 * statistics.median(t_hvp):.2f} ms).")
+
+
+def hvp_cost(repeats: int = 30) -> None:
+    """One HVP as a multiple of one gradient (same loss and batch, the gradient by plain autograd): ours, a double
+    backward, and torch.func's forward-over-reverse (``jvp`` of ``grad``, our products before 2026-12-07);
+    interleaved, medians."""
+    net, x, y = digits_mlp()
+    params = trainable_parameters(net)
+    names, values = list(params), tuple(params.values())
+
+    def loss_of(p):
+        return F.cross_entropy(torch.func.functional_call(net, dict(zip(names, p)), (x,)), y)
+
+    func_grad = torch.func.grad(loss_of)
+    ours = hvp_operator(net, lambda module, batch: F.cross_entropy(module(batch[0]), batch[1]), [(x, y)])
+    leaves = [p.detach().requires_grad_() for p in values]
+    v = torch.randn(sum(p.numel() for p in values), dtype=torch.float64)
+    tangents = tuple(v_.view_as(p) for v_, p in zip(v.split([p.numel() for p in values]), values))
+    runs = {
+        "gradient": lambda: torch.autograd.grad(loss_of(leaves), leaves),
+        "ours": lambda: ours(v),
+        "torch.func": lambda: torch.func.jvp(func_grad, (values,), (tangents,)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - t)
+    g = statistics.median(times["gradient"])
+    print(f"\nOne HVP on the digits MLP (median of {repeats}, interleaved): ", end="")
+    print(", ".join(f"{name} {statistics.median(times[name]) / g:.1f} gradients" for name in ("ours", "torch.func")))
 
 
 def amortized_overhead(repeats: int) -> None:
@@ -297,6 +317,7 @@ def main() -> None:
     synthetic(args.seeds, hard=False)
     synthetic(args.seeds, hard=True)
     real_model(max(3, args.seeds // 4))
+    hvp_cost()
     amortized_overhead(args.repeats)
 
 

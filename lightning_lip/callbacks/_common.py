@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator, MutableMapping, MutableSequence,
 from contextlib import ExitStack, contextmanager
 from functools import partial
 from types import MethodType
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +23,8 @@ from torchmetrics import Metric
 from lightning_lip.functional._stateless import LossFn
 from lightning_lip.functional.batch import batch_tree
 from lightning_lip.functional.spectral import Operator, layer_operator, sample_shape
+
+T = TypeVar("T")
 
 
 class SpawnSafeGenerator(torch.Generator):
@@ -82,24 +84,73 @@ def log_on_logger_steps(trainer: pl.Trainer, pl_module: pl.LightningModule, metr
     return True
 
 
-def transform_failure(
-    error: RuntimeError, owner: str, warn: WarnOnce, consequence: str, pl_module: pl.LightningModule
+class Differentiation:
+    """How :class:`GradientNoiseEstimator` differentiates the model's loss per sample: with ``torch.func`` (``vmap``)
+    until its transforms refuse the model (activation checkpointing's saved-tensor hooks, an ``autograd.Function``
+    without ``setup_context``, ``.item()`` in ``training_step``, ...), from then on with plain ``torch.autograd``, a
+    loop over the samples (warned once: slower), and not at all once that fails too (:attr:`failure`, the reasons,
+    warned once). Out-of-memory errors are raised again.
+
+    Args:
+        owner: the callback's name, for the warnings.
+        warn: the callback's one-time warnings.
+        generator: the callback's generator, set back to its state before a failed attempt for the retry, so that
+            a measurement draws the same numbers whichever attempt succeeds.
+        consequence: what the callback does once neither works, for the warning.
+    """
+
+    def __init__(self, owner: str, warn: WarnOnce, generator: torch.Generator, consequence: str) -> None:
+        self.autograd = False
+        self.failure: str | None = None
+        self._owner, self._warn, self._generator, self._consequence = owner, warn, generator, consequence
+
+    def __call__(self, attempt: Callable[[bool], T], pl_module: pl.LightningModule) -> T | None:
+        """``attempt(autograd)``, retried with ``autograd=True`` where ``torch.func`` fails; ``None`` on failure."""
+        state = self._generator.get_state()
+        try:
+            return attempt(self.autograd)
+        except RuntimeError as error:
+            if self.autograd:
+                self.failure = differentiation_failure(error, self._owner, self._warn, self._consequence, pl_module)
+                return None
+            func_reason = first_line(error)
+        self._generator.set_state(state)
+        try:
+            result = attempt(True)
+        except RuntimeError as error:
+            reason = f"torch.func: {func_reason}; torch.autograd: {first_line(error)}"
+            self.failure = differentiation_failure(reason, self._owner, self._warn, self._consequence, pl_module)
+            return None
+        self.autograd = True
+        self._warn(
+            "autograd",
+            f"{self._owner}: torch.func cannot transform this model's loss ({func_reason}); per-sample "
+            "gradients are taken with plain torch.autograd instead, a Python loop over the samples (slower).",
+        )
+        return result
+
+
+def differentiation_failure(
+    error: RuntimeError | str, owner: str, warn: WarnOnce, consequence: str, pl_module: pl.LightningModule
 ) -> str:
-    """The reason, warned once, why ``torch.func`` could not differentiate the model's loss (an ``autograd.Function``
-    without ``setup_context`` or ``vmap``, activation checkpointing's saved-tensor hooks, a ``training_step`` that
-    calls ``.item()`` or returns ``None``, ...); out-of-memory errors are raised again."""
-    if isinstance(error, torch.OutOfMemoryError):
-        raise error
-    reason = next(iter(str(error).strip().splitlines()), type(error).__name__)
+    """The reason, warned once, why the model's loss could not be differentiated (``error`` or its first line);
+    out-of-memory errors are raised again."""
+    reason = error if isinstance(error, str) else first_line(error)
     hint = (
         ""
         if callable(getattr(pl_module, "lip_loss", None))
-        else " If `training_step` is the obstacle (`.item()`, branches on tensor values, returning `None`), define "
-        "`lip_loss(self, batch)` on the LightningModule, the mean loss of `batch`, for the callbacks to evaluate "
-        "instead."
+        else " If `training_step` is the obstacle (returning `None`, say), define `lip_loss(self, batch)` on the "
+        "LightningModule, the mean loss of `batch`, for the callbacks to evaluate instead."
     )
-    warn("transform", f"{owner}: torch.func cannot differentiate this model's loss ({reason}); {consequence}{hint}")
+    warn("transform", f"{owner} cannot differentiate this model's loss ({reason}); {consequence}{hint}")
     return reason
+
+
+def first_line(error: RuntimeError) -> str:
+    """The first line of ``error``'s message; out-of-memory errors are raised again."""
+    if isinstance(error, torch.OutOfMemoryError):
+        raise error
+    return next(iter(str(error).strip().splitlines()), type(error).__name__)
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
@@ -311,7 +362,10 @@ def module_loss(pl_module: pl.LightningModule) -> LossFn:
 
     def loss(module: pl.LightningModule, batch: Any) -> Tensor:
         out = module.training_step(batch, *index)
-        return out["loss"] if isinstance(out, dict) else out
+        out = out["loss"] if isinstance(out, dict) else out
+        if not isinstance(out, Tensor):
+            raise RuntimeError(f"`training_step` returned {type(out).__name__}, not a loss tensor")
+        return out
 
     return loss
 
@@ -322,10 +376,12 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
     side effects undone; every module's ``training`` flag is restored afterwards.
 
     Muted: ``log``/``log_dict``, and the ``forward``/``update`` of every torchmetrics ``Metric`` (they return
-    ``None``), whose state would take in tensors from inside the ``torch.func`` transforms. Restored: the
+    ``None``), whose state would take in tensors from inside the measurements (``torch.func`` transforms, graphs
+    being differentiated). Restored: the
     LightningModule's own public attributes, rebound or changed in place (a list, dict or set, such as Lightning's
     ``self.training_step_outputs.append(loss)``). With ``batch_norm_train`` a ``SyncBatchNorm`` takes its rank's own
-    batch statistics: it synchronizes them in an ``autograd.Function`` that ``torch.func`` cannot transform.
+    batch statistics: it synchronizes them in an ``autograd.Function`` with collectives inside, which the
+    measurements do not differentiate through.
     """
     modes = {m: m.training for m in pl_module.modules()}
     with ExitStack() as restore:

@@ -22,6 +22,7 @@ from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
     BoundModule,
+    Differentiation,
     LayerShapes,
     SpawnSafeGenerator,
     TimeBudget,
@@ -31,7 +32,6 @@ from lightning_lip.callbacks._common import (
     check_loss_source,
     measurement_mode,
     module_loss,
-    transform_failure,
     write_tensorboard_layout,
 )
 from lightning_lip.functional._stateless import trainable_parameters
@@ -62,7 +62,9 @@ class GradientNoiseEstimator(Callback):
     per-sample gradients of all ranks are gathered, so the statistics are those of the global batch seen by one
     process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)`` (bookkeeping
     muted); it must be a mean over samples (``lip_loss`` is required with manual optimization). If ``torch.func``
-    cannot differentiate the model the callback warns once and stops measuring, with the reason in :attr:`failure`.
+    cannot transform the model (activation checkpointing, an ``autograd.Function`` without ``setup_context``,
+    ``.item()`` in ``training_step``) the callback warns once and loops over the samples with plain ``torch.autograd``
+    instead; if that fails too, it warns once and stops measuring, with the reasons in :attr:`failure`.
 
     Noise statistics (all parameters): :math:`\mathrm{tr}\,\Sigma`, :math:`\|\bar g\|^2` (and its unbiased
     version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per
@@ -156,7 +158,6 @@ class GradientNoiseEstimator(Callback):
         """The state of a new training run."""
         self.n_runs = 0
         self.n_skipped = 0
-        self.failure: str | None = None  # why measurements stopped: torch.func cannot differentiate the model
         self._stepped: tuple[int, int] | None = None  # (global step, optimizer) of the last optimizer step seen
         self.last: dict[str, float] = {}
         self._batch: Any = None
@@ -168,6 +169,18 @@ class GradientNoiseEstimator(Callback):
         self._generator = SpawnSafeGenerator().manual_seed(0)  # Lanczos start noise: the global RNG stays untouched
         self._budget = TimeBudget(self.max_overhead)
         self._warn = WarnOnce()
+        self._differentiation = Differentiation(
+            type(self).__name__,
+            self._warn,
+            self._generator,
+            consequence="no more noise measurements in this run.",
+        )
+
+    @property
+    def failure(self) -> str | None:
+        """Why measurements stopped (neither ``torch.func`` nor ``torch.autograd`` can differentiate the model's
+        loss), or ``None``."""
+        return self._differentiation.failure
 
     @property
     @override
@@ -285,12 +298,8 @@ class GradientNoiseEstimator(Callback):
             return None
         n = min(batch_size(batch), self.max_samples)
         sub = slice_batch(batch, 0, n)
-        try:
-            with isolate_rng(), measurement_mode(pl_module):
-                grads = per_sample_grads(pl_module, module_loss(pl_module), sub, params, self.chunk_size)
-        except RuntimeError as error:
-            consequence = "no more noise measurements in this run."
-            self.failure = transform_failure(error, type(self).__name__, self._warn, consequence, pl_module)
+        grads = self._differentiation(partial(self._per_sample_grads, pl_module, sub, params), pl_module)
+        if grads is None:
             self.n_skipped += 1
             return None
         flat = self._gather(trainer, torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1))
@@ -421,6 +430,12 @@ class GradientNoiseEstimator(Callback):
             "log_variance": log_var.item(),
             "log_variance_blockdiag": log_var_block.item(),
         }
+
+    def _per_sample_grads(
+        self, pl_module: LightningModule, batch: Any, params: dict[str, Tensor], autograd: bool
+    ) -> dict[str, Tensor]:
+        with isolate_rng(), measurement_mode(pl_module):
+            return per_sample_grads(pl_module, module_loss(pl_module), batch, params, self.chunk_size, autograd)
 
     def _apply(self, name: str, layer: nn.Module, weight: Tensor, x: Tensor) -> Tensor:
         """The true operator of ``layer`` with ``weight``, applied to one sample ``x``."""

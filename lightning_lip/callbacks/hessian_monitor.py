@@ -30,10 +30,10 @@ from lightning_lip.callbacks._common import (
     check_loss_source,
     check_positive,
     detached,
+    differentiation_failure,
     measurement_mode,
     module_loss,
     tensorboard_writer,
-    transform_failure,
     write_tensorboard_layout,
 )
 from lightning_lip.functional.batch import batch_size, batch_tree
@@ -52,11 +52,12 @@ class HessianEigenMonitor(Callback):
 
     Every ``every_n_steps`` optimizer steps (:meth:`should_run`), after the batch, the callback builds the
     Hessian-vector product of the mean loss over a probe set (``data="fixed"``: the first ``num_samples``
-    training samples seen, kept for the whole run; ``"current"``: the current batch) with ``torch.func`` on the
-    unwrapped module, and runs Lanczos warm-started from the previous top eigenvector mixed with noise, cold every
-    ``cold_every_n_runs`` runs so that a warm start cannot lock onto a stale direction. For Adam, AdamW, Adamax,
-    RMSprop and Adagrad the operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}` that governs their
-    stability, on the coordinates with a gradient (:func:`~lightning_lip.functional.stability.preconditioner`).
+    training samples seen, kept for the whole run; ``"current"``: the current batch), a double backward through
+    ``functional_call`` on the unwrapped module, and runs Lanczos warm-started from the previous top eigenvector
+    mixed with noise, cold every ``cold_every_n_runs`` runs so that a warm start cannot lock onto a stale direction.
+    For Adam, AdamW, Adamax, RMSprop and Adagrad the operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}`
+    that governs their stability, on the coordinates with a gradient
+    (:func:`~lightning_lip.functional.stability.preconditioner`).
 
     The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
     ``training_step(batch, 0)`` with its bookkeeping muted (``lip_loss`` is required with manual optimization).
@@ -64,10 +65,11 @@ class HessianEigenMonitor(Callback):
     (``bn_mode="train"``), or its running statistics (``"eval"``). A loss that draws random numbers (noise
     augmentation in ``training_step``) is measured at one draw: every product replays torch's random state (one
     symmetric operator). Training is left bit-identical: ``model.training``, ``.grad``, buffers and the RNG state
-    are restored, no ``.backward()`` runs. If ``torch.func`` cannot differentiate the model (activation checkpointing,
-    an ``autograd.Function`` without ``setup_context``) the callback warns once and stops measuring, with the reason
-    in :attr:`failure`. Under DDP the products are averaged over ranks (weighted by probe size), so every rank gets
-    the same result.
+    are restored, ``.grad`` is not written. The products are plain ``torch.autograd`` double backwards, so activation
+    checkpointing (non-reentrant), old-style ``autograd.Function`` classes and ``.item()`` in ``training_step`` are
+    measured; where the loss cannot be differentiated twice (reentrant checkpointing, a ``training_step`` that
+    returns ``None``) the callback warns once and stops measuring, with the reason in :attr:`failure`. Under DDP the
+    products are averaged over ranks (weighted by probe size), so every rank gets the same result.
 
     Logged: ``lip/hessian/lambda_max``, ``lambda_min``, ``residual``, ``n_hvp``, ``seconds``, ``eta_lambda_max``
     (:math:`\eta\lambda_{max}`), ``threshold`` and ``stability_ratio`` (their quotient, unstable above 1). With a
@@ -154,7 +156,7 @@ class HessianEigenMonitor(Callback):
         """The state of a new training run."""
         self.n_runs = 0
         self.n_skipped = 0
-        self.failure: str | None = None  # why measurements stopped: torch.func cannot differentiate the model
+        self.failure: str | None = None  # why measurements stopped: the loss cannot be differentiated twice
         self.last: dict[str, float] = {}
         self._probe: list[Any] = []
         self._probe_size = 0
@@ -237,7 +239,7 @@ class HessianEigenMonitor(Callback):
                 )
             except RuntimeError as error:
                 consequence = "no more Hessian measurements in this run (a CurvatureLRController holds its throttle)."
-                self.failure = transform_failure(error, type(self).__name__, self._warn, consequence, pl_module)
+                self.failure = differentiation_failure(error, type(self).__name__, self._warn, consequence, pl_module)
                 self.n_skipped += 1
                 return {"lip/hessian/n_skipped": float(self.n_skipped)}
             density = None

@@ -88,7 +88,9 @@ def test_train_mode_batchnorm_buffers_untouched():
     net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 3)).double().train()
     before = {k: v.clone() for k, v in net.state_dict().items()}
     x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
-    hvp_operator(net, ce, [(x, y)])(torch.randn(sum(p.numel() for p in net.parameters()), dtype=torch.float64))
+    v = torch.randn(sum(p.numel() for p in net.parameters()), dtype=torch.float64)
+    hvp_operator(net, ce, [(x, y)])(v)
+    assert all(p.grad is None for p in net.parameters())
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
 
@@ -120,12 +122,13 @@ class _NoJvpReLU(nn.Module):
     [
         (lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), F.mse_loss),  # ZeroTensor error
         (lambda: nn.Sequential(nn.Linear(4, 3), _NoJvpReLU(), nn.Linear(3, 2)), F.mse_loss),
+        (lambda: nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2)), F.huber_loss),
     ],
-    ids=["mse_loss", "function_without_jvp"],
+    ids=["mse_loss", "function_without_jvp", "huber_loss"],
 )
-def test_falls_back_to_reverse_over_reverse_where_forward_mode_fails(make, loss):
-    """Forward mode fails on these (F.mse_loss's double backward in torch 2.13, a custom autograd.Function without
-    ``jvp``): the reverse-over-reverse product is the same H v."""
+def test_ops_without_a_forward_mode_formula(make, loss):
+    """Forward-over-reverse fails on these (F.mse_loss's double backward in torch 2.13, a custom autograd.Function
+    without ``jvp``, ``huber_loss_backward``); the products, reverse over reverse, are the dense H v."""
     net = make().double()
     x, t = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
     hvp = hvp_operator(net, lambda m, b: loss(m(b[0]), b[1]), [(x, t)])
@@ -169,3 +172,48 @@ def test_weight_norm_hessian_is_exact(style):
     fused = lambda g, v: torch._weight_norm(v, g, 0)  # noqa: E731
     g0, v0 = torch.rand(3, 1, dtype=torch.float64) + 0.5, torch.randn(3, 4, dtype=torch.float64)
     assert not torch.autograd.gradgradcheck(fused, (g0.requires_grad_(), v0.requires_grad_()), raise_exception=False)
+
+
+class _OldStyleClamp(torch.autograd.Function):
+    """``relu`` as an old-style ``autograd.Function`` (``forward(ctx, ...)``): torch.func transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class _Obstacle(nn.Module):
+    """``inner`` behind what torch.func cannot transform: non-reentrant activation checkpointing, an old-style
+    ``autograd.Function``; ``None``: nothing."""
+
+    def __init__(self, inner, obstacle):
+        super().__init__()
+        self.inner, self.obstacle = inner, obstacle
+
+    def forward(self, x):
+        if self.obstacle == "checkpoint":
+            return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+        return self.inner(_OldStyleClamp.apply(x) if self.obstacle == "function" else x)
+
+
+@pytest.mark.parametrize("obstacle", ["checkpoint", "function"])
+def test_differentiates_what_torch_func_cannot_transform(obstacle):
+    """The products equal the dense Hessian of the same network without the obstacle (the old-style function is
+    ``relu``); ``torch.func`` refuses these models (the products used to be ``torch.func``'s)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), _Obstacle(mlp((6, 5, 3)), obstacle)).double()
+    x, y = torch.randn(10, 4, dtype=torch.float64), torch.randint(0, 3, (10,))
+    plain = nn.Sequential(net[0], net[1], nn.ReLU() if obstacle == "function" else nn.Identity(), net[2].inner)
+    H = dense_hessian(plain, F.cross_entropy, x, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(hvp_operator(net, ce, [(x, y)])(v), H @ v, rtol=1e-10, atol=1e-12)
+    with pytest.raises(RuntimeError):  # torch.func's gradient of the same loss
+        torch.func.grad(lambda p: ce(lambda inputs: torch.func.functional_call(net, p, (inputs,)), (x, y)))(
+            dict(net.named_parameters())
+        )

@@ -39,6 +39,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_plain_autograd_loop_equals_python_loop_float64(case):
+    """``autograd=True``: a loop with plain autograd, the fallback for models torch.func cannot transform."""
+    make, shape = CASES[case]
+    module = make().double().eval()
+    x, y = torch.randn(7, *shape, dtype=torch.float64), torch.randint(0, 3, (7,))
+    got = per_sample_grads(module, ce, (x, y), autograd=True)
+    assert all(p.grad is None for p in module.parameters())
+    expected = loop_grads(module, (x, y))
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_equals_python_loop_float64(case):
     make, shape = CASES[case]
     module = make().double().eval()
@@ -57,14 +71,14 @@ def test_equals_python_loop_float64(case):
         torch.testing.assert_close(chunked[name], got[name], rtol=1e-12, atol=1e-14)
 
 
-@pytest.mark.parametrize("chunk_size", [None, 3])
-def test_random_draws_in_the_loss_are_independent_between_samples(chunk_size):
+@pytest.mark.parametrize(("chunk_size", "autograd"), [(None, False), (3, False), (None, True)])
+def test_random_draws_in_the_loss_are_independent_between_samples(chunk_size, autograd):
     """A loss scaled by a factor r ~ U(0, 1) drawn inside it: each sample's gradient is its own r times the loop's
     gradient, with a different r for every sample, as in a batch."""
     module = mlp((6, 10, 3)).double()
     x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
     scaled = lambda m, b: torch.rand((), dtype=torch.float64) * ce(m, b)  # noqa: E731
-    got = per_sample_grads(module, scaled, (x, y), chunk_size=chunk_size)
+    got = per_sample_grads(module, scaled, (x, y), chunk_size=chunk_size, autograd=autograd)
     expected = loop_grads(module, (x, y))
     got, expected = (torch.cat([g[n].reshape(7, -1) for n in expected], 1) for g in (got, expected))
     r = (got * expected).sum(1) / expected.square().sum(1)  # least-squares factor per sample
@@ -72,8 +86,8 @@ def test_random_draws_in_the_loss_are_independent_between_samples(chunk_size):
     assert ((r > 0) & (r < 1)).all() and len(set(r.tolist())) == 7
 
 
-@pytest.mark.parametrize("chunk_size", [None, 3])
-def test_batches_holding_more_than_tensors(chunk_size):
+@pytest.mark.parametrize(("chunk_size", "autograd"), [(None, False), (3, False), (None, True)])
+def test_batches_holding_more_than_tensors(chunk_size, autograd):
     """A dict batch with file names and a tensor that is not per sample (class weights of the loss): only the
     per-sample tensors are split, the rest reaches every sample's loss whole."""
     module = mlp((6, 10, 3)).double()
@@ -85,7 +99,7 @@ def test_batches_holding_more_than_tensors(chunk_size):
         assert b["names"] == batch["names"] and torch.equal(b["class_weights"], weights)
         return F.cross_entropy(m(b["x"]), b["y"], weight=b["class_weights"])
 
-    got = per_sample_grads(module, weighted, batch, chunk_size=chunk_size)
+    got = per_sample_grads(module, weighted, batch, chunk_size=chunk_size, autograd=autograd)
     expected = {n: [] for n, _ in module.named_parameters()}
     for i in range(7):
         module.zero_grad()
@@ -145,3 +159,23 @@ def test_rnn_decompositions_compute_the_kernels_values_and_leave_packed_sequence
         padded_out, packed_out = rnn(x)[0], rnn(packed)[0].data
     torch.testing.assert_close(padded_out, rnn(x)[0], rtol=1e-12, atol=1e-14)  # float64 rounding of the same sums
     assert torch.equal(packed_out, rnn(packed)[0].data)
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = mlp((6, 10, 3))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
+
+
+def test_plain_autograd_loop_through_activation_checkpointing():
+    """``vmap`` refuses checkpointing's saved-tensor hooks; the loop equals one backward per sample."""
+    module = _Checkpointed().double()
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    with pytest.raises(RuntimeError, match="saved tensor hooks"):
+        per_sample_grads(module, ce, (x, y))
+    got = per_sample_grads(module, ce, (x, y), autograd=True)
+    for name, expected in loop_grads(module, (x, y)).items():
+        torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-10)

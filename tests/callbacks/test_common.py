@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from lightning_lip.callbacks._common import Differentiation, WarnOnce, module_loss
+from lightning_lip.functional import per_sample_grads
+from tests.models import Classifier, mlp
+
+
+def differentiation(generator=None):
+    generator = generator or torch.Generator()
+    return Differentiation("Owner", WarnOnce(), generator, consequence="it stops.")
+
+
+def test_falls_back_to_autograd_once_and_replays_the_generator():
+    """A failed torch.func attempt is retried with autograd from the generator's state before it, warned once; later
+    measurements go to autograd directly."""
+    generator = torch.Generator().manual_seed(0)
+    attempts = []
+
+    def attempt(autograd):
+        attempts.append(autograd)
+        draw = torch.rand(1, generator=generator).item()
+        if not autograd:
+            raise RuntimeError("no transform\nsecond line")
+        return draw
+
+    diff = differentiation(generator)
+    first_draw = torch.rand(1, generator=torch.Generator().manual_seed(0)).item()
+    with pytest.warns(
+        UserWarning, match=r"^Owner: torch.func cannot transform this model's loss \(no transform\); .*loop"
+    ):
+        assert diff(attempt, Classifier(mlp())) == first_draw
+    assert diff(attempt, Classifier(mlp())) != first_draw
+    assert attempts == [False, True, True] and diff.autograd and diff.failure is None
+
+
+def test_fails_with_both_reasons_and_the_remedy_then_stays_failed():
+    def attempt(autograd):
+        raise RuntimeError("autograd failed" if autograd else "func failed")
+
+    diff = differentiation()
+    expected = (
+        r"Owner cannot differentiate this model's loss \(torch.func: func failed; torch.autograd: autograd failed\)"
+    )
+    with pytest.warns(UserWarning, match=expected + "; it stops. If `training_step`.*define `lip_loss"):
+        assert diff(attempt, Classifier(mlp())) is None
+    assert diff.failure == "torch.func: func failed; torch.autograd: autograd failed"
+
+
+def test_out_of_memory_is_raised_in_either_attempt():
+    def attempt(autograd):
+        raise torch.OutOfMemoryError("out of memory") if autograd else RuntimeError("func failed")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        differentiation()(attempt, Classifier(mlp()))
+
+
+def test_a_training_step_that_returns_no_loss_is_a_clear_error_in_either_engine():
+    """A `training_step` that returns `None` (it skips a batch) where a measurement evaluates it."""
+
+    class NoLoss(Classifier):
+        def training_step(self, batch, batch_idx):
+            return None
+
+    model = NoLoss(mlp())
+    batch = (torch.randn(8, 16), torch.randint(0, 4, (8,)))
+    for autograd in (False, True):
+        with pytest.raises(RuntimeError, match="`training_step` returned NoneType, not a loss tensor"):
+            per_sample_grads(model, module_loss(model), batch, autograd=autograd)
