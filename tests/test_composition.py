@@ -11,7 +11,7 @@ from collections.abc import Mapping
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, default_collate
 from torchmetrics.classification import MulticlassAccuracy
@@ -434,6 +434,46 @@ def test_models_nothing_can_differentiate_train_on(tmp_path, recwarn):
     warned = [str(w.message) for w in recwarn if "cannot differentiate this model's loss" in str(w.message)]
     assert sorted(m.split(" ")[0] for m in warned) == ["GradientNoiseEstimator", "HessianEigenMonitor"]
     assert controller.states[0].n_cuts == 0 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class TinyLM(LightningModule):
+    """A next-token model: an embedding tied to the output layer, a transformer encoder layer with dropout, and
+    padded sequences of token ids in dict batches with an attention mask (the loss ignores the padding)."""
+
+    def __init__(self, vocab=20, width=8):
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, width)
+        layer = torch.nn.TransformerEncoderLayer(width, 2, 16, dropout=0.1, batch_first=True)
+        self.enc = torch.nn.TransformerEncoder(layer, 1)
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def training_step(self, batch, batch_idx):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.head(self.enc(self.emb(ids), src_key_padding_mask=~mask))
+        losses = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        return (losses * mask[:, 1:]).sum() / mask[:, 1:].sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=2.0, momentum=0.5)
+
+
+def test_a_language_model_with_tied_embeddings_and_padded_batches(tmp_path, recwarn):
+    """Every callback measures it (in eval mode the encoder's fast path would turn the padded batch into nested
+    tensors, which ``vmap`` refused); the tied output layer is projected once, the embedding listed as uncertified."""
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 9, (64,), generator=g)
+    ids = torch.randint(0, 20, (64, 8), generator=g)
+    data = [{"input_ids": i, "attention_mask": torch.arange(8) < n} for i, n in zip(ids, lengths)]
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    torch.manual_seed(0)
+    Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2)).fit(TinyLM(), DataLoader(data, 16))
+    assert monitor.n_runs == noise.n_runs == 4 and monitor.failure is None and noise.failure is None
+    assert not [w for w in recwarn if "torch.func cannot transform" in str(w.message)]
+    assert "head" in kappa.sigmas and "emb" not in kappa.sigmas and kappa.bound <= 3.0 * (1 + 1e-2)
+    assert any("emb (Embedding)" in str(w.message) for w in recwarn)
+    assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
 
 
 class Bookkeeping(Classifier):

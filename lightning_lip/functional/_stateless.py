@@ -1,9 +1,9 @@
-"""A module's loss as a pure function of its parameters, for the ``torch.func`` transforms of this package."""
+"""A module's loss as a pure function of its parameters, for the derivatives this package takes of it."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -29,7 +29,9 @@ def stateless_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[dict[str, Te
     train-mode BatchNorm cannot update the module's running statistics. Weight normalization runs as primitive ops
     (see :class:`_DecomposedWeightNorm`), and scaled dot-product attention (``nn.MultiheadAttention``,
     ``nn.Transformer*``) on its math backend: the fused kernels (flash, memory-efficient) have no double backward or
-    forward-mode formula, so Hessian-vector products through them fail, and no ``vmap`` batching rule.
+    forward-mode formula, so Hessian-vector products through them fail, and no ``vmap`` batching rule. Their
+    inference fast path is off (``torch.backends.mha``): in eval mode it turns a padded batch into nested tensors
+    (``src_key_padding_mask``), which ``vmap`` cannot batch.
     """
     call = _LossCall(module, loss_fn)
     buffers = {f"module.{name}": b.detach() for name, b in module.named_buffers()}
@@ -37,10 +39,22 @@ def stateless_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[dict[str, Te
 
     def loss(params: dict[str, Tensor], batch: Any) -> Tensor:
         state = {f"module.{n}": p for n, p in params.items()} | {k: b.clone() for k, b in buffers.items()}
-        with weight_norm(), sdpa_kernel(SDPBackend.MATH):
+        with weight_norm(), sdpa_kernel(SDPBackend.MATH), _attention_fast_path_off():
             return torch.func.functional_call(call, state, (batch,))
 
     return loss
+
+
+@contextmanager
+def _attention_fast_path_off() -> Iterator[None]:
+    """``nn.MultiheadAttention`` and ``nn.TransformerEncoder*`` without their inference fast path (a global flag,
+    restored afterwards)."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
 
 
 def uses_weight_norm(module: nn.Module) -> bool:

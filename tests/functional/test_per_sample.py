@@ -179,3 +179,28 @@ def test_plain_autograd_loop_through_activation_checkpointing():
     got = per_sample_grads(module, ce, (x, y), autograd=True)
     for name, expected in loop_grads(module, (x, y)).items():
         torch.testing.assert_close(got[name], expected, rtol=1e-6, atol=1e-10)
+
+
+def test_padded_batches_through_a_transformer_encoder_in_eval_mode():
+    """In eval mode ``nn.TransformerEncoder`` turns a batch with ``src_key_padding_mask`` into nested tensors (its
+    inference fast path), which ``vmap`` cannot batch: the measurements turn the fast path off, and restore it."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    module = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True).double().eval()
+    x = torch.randn(6, 7, 8, dtype=torch.float64)
+    mask = torch.arange(7) < torch.tensor([[3], [7], [5], [4], [7], [2]])
+
+    def loss(m, batch):
+        return m(batch[0], src_key_padding_mask=~batch[1]).square().mean()
+
+    got = per_sample_grads(module, loss, (x, mask))
+    assert torch.backends.mha.get_fastpath_enabled()
+    for name, g in got.items():
+        expected = torch.stack(
+            [
+                torch.autograd.grad(
+                    loss(module, (x[i : i + 1], mask[i : i + 1])), dict(module.named_parameters())[name]
+                )[0]
+                for i in range(6)
+            ]
+        )
+        torch.testing.assert_close(g, expected, rtol=1e-6, atol=1e-10)
