@@ -44,7 +44,7 @@ def per_sample_grads(
         chunk_size: samples processed at once by ``vmap``: bounds the memory of the intermediates (the output,
             ``B`` x the parameters, is allocated once); ``None``: all ``B`` at once.
         autograd: a Python loop over the samples with plain ``torch.autograd`` instead of ``vmap``: ``B`` forward and
-            backward passes of one sample (1.2-6.5x slower on the benchmark's models), for models ``torch.func``
+            backward passes of one sample (1.6-8.2x slower on the benchmark's models), for models ``torch.func``
             cannot transform (activation checkpointing, an ``autograd.Function`` without ``setup_context``,
             ``.item()`` in the loss); ``chunk_size`` does not apply.
 
