@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import Strategy
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
@@ -315,6 +316,21 @@ class LayerShapes:
                 self.varied.add(name)
                 shapes = tuple(tuple(map(max, old, new)) for old, new in zip(seen, shapes))  # type: ignore[assignment]
             self.shapes[name] = shapes
+
+    def all_reduce(self, layers: dict[str, nn.Module], strategy: Strategy) -> None:
+        """Take the maxima over every rank (one collective of a few integers), so that every rank measures each
+        convolution on the same shape, the largest any rank has run it on."""
+        dims = {name: len(layer.kernel_size) + 1 for name, layer in layers.items() if not isinstance(layer, nn.Linear)}
+        if not dims:
+            return
+        local = [
+            d for name, n in dims.items() for d in (sum(self.shapes[name], ()) if name in self.shapes else (0,) * 2 * n)
+        ]
+        merged = strategy.reduce(torch.tensor(local, device=strategy.root_device), reduce_op="max").tolist()
+        for name, n in dims.items():
+            part, merged = merged[: 2 * n], merged[2 * n :]
+            if any(part):
+                self.update(name, (tuple(part[:n]), tuple(part[n:])))
 
     def input_shape(self, name: str, layer: nn.Module) -> tuple[int, ...] | None:
         """One sample's input shape; ``None`` for a convolution that has not run yet."""

@@ -280,6 +280,8 @@ class KappaBudgetProjection(Callback):
             return
         start = time.perf_counter()
         audit = self.should_audit(step)
+        if trainer.world_size > 1:
+            self._shapes.all_reduce(self._layers, trainer.strategy)
         operators = {name: op for name, layer in self._layers.items() if (op := self._operator(name, layer))}
         if not operators:
             return

@@ -575,3 +575,22 @@ def test_ddp_ranks_hold_identical_weights_after_every_projection(tmp_path):
         for key in w0:
             assert torch.equal(w0[key], w1[key]), key
     assert rank0["bound"] == rank1["bound"] <= 0.5 * (1 + 1e-2)
+
+
+@pytest.mark.slow
+def test_ddp_measures_on_the_largest_shapes_of_every_rank(tmp_path):
+    """Rank 0 runs only short sequences, rank 1 the longest: the shapes are all-reduced, so the decisions (taken on
+    rank 0) hold at every rank's lengths, and the weights stay identical on both ranks."""
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_kappa_sizes.py", tmp_path)
+    assert max(rank0["lengths_seen"]) == 9 and max(rank1["lengths_seen"]) == 16
+    assert rank0["shapes"] == rank1["shapes"] and rank0["shapes"]["net.0"] == ((2, 16), (4, 16))
+    for w0, w1 in zip(rank0["weights"], rank1["weights"]):
+        for key in w0:
+            assert torch.equal(w0[key], w1[key]), key
+    model = Classifier(conv1d())
+    model.load_state_dict(rank0["weights"][-1])
+    for name, channels in (("net.0", 2), ("net.2", 4)):
+        layer = model.get_submodule(name)
+        assert dense_operator_norm(layer, (channels, 16)) <= rank0["kappas"][name] * (1 + 1e-3)

@@ -14,6 +14,7 @@ class RecordWeights(Callback):
     def __init__(self, projection):
         self.projection = projection
         self.weights = []
+        self.lengths = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 1 and trainer.global_rank == 1:
@@ -25,6 +26,7 @@ class RecordWeights(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.weights.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        self.lengths.append(batch[0].shape[-1])
 
 
 if __name__ == "__main__":

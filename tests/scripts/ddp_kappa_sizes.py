@@ -1,0 +1,32 @@
+"""2-process DDP run of KappaBudgetProjection on sequences whose lengths differ between the ranks (rank 0 runs the
+short ones, rank 1 the long ones); each rank saves its weights after every projection and the shapes it measured
+on."""
+
+import sys
+
+import torch
+from lightning.pytorch import Trainer
+
+from lightning_lip import KappaBudgetProjection
+from tests.ddp import ddp_trainer_kwargs
+from tests.models import Classifier, conv1d, sequences
+from tests.scripts.ddp_kappa import RecordWeights
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = Classifier(conv1d(), lr=0.05)
+    projection = KappaBudgetProjection(max_lipschitz=0.5, audit_every_n_steps=0)
+    record = RecordWeights(projection)
+    trainer = Trainer(**ddp_trainer_kwargs(max_epochs=2, callbacks=[projection, record], use_distributed_sampler=False))
+    trainer.fit(model, sequences((5, 9, 7) if trainer.global_rank == 0 else (16, 12, 11)))
+    torch.save(
+        {
+            "weights": record.weights,
+            "shapes": projection._shapes.shapes,
+            "kappas": projection._current_kappas,
+            "lengths_seen": record.lengths,
+        },
+        f"{out}/rank{trainer.global_rank}.pt",
+    )
