@@ -259,6 +259,8 @@ class GradientNoiseEstimator(Callback):
         if not (follow_up or due):
             return
         start = time.perf_counter()
+        if trainer.world_size > 1:  # every rank's convolutions on the same, largest shapes: the same predictions
+            self._shapes.all_reduce(self._layers, trainer.strategy)
         step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size)
         if follow_up:
             self._expected = self._predict(trainer, optimizer, self._sample, step_batch, follow_up=True)

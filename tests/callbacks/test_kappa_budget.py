@@ -580,12 +580,14 @@ def test_ddp_ranks_hold_identical_weights_after_every_projection(tmp_path):
 @pytest.mark.slow
 def test_ddp_measures_on_the_largest_shapes_of_every_rank(tmp_path):
     """Rank 0 runs only short sequences, rank 1 the longest: the shapes are all-reduced, so the decisions (taken on
-    rank 0) hold at every rank's lengths, and the weights stay identical on both ranks."""
+    rank 0) hold at every rank's lengths, the weights stay identical on both ranks, and so do a
+    GradientNoiseEstimator's predictions for the convolutions."""
     from tests.ddp import run_ddp
 
     rank0, rank1 = run_ddp("ddp_kappa_sizes.py", tmp_path)
     assert max(rank0["lengths_seen"]) == 9 and max(rank1["lengths_seen"]) == 16
     assert rank0["shapes"] == rank1["shapes"] and rank0["shapes"]["net.0"] == ((2, 16), (4, 16))
+    assert "lip/noise/drift/net.0" in rank0["noise"] and rank0["noise"] == rank1["noise"]
     for w0, w1 in zip(rank0["weights"], rank1["weights"]):
         for key in w0:
             assert torch.equal(w0[key], w1[key]), key
