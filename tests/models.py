@@ -81,6 +81,27 @@ class TinyRNN(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
+class _ReLUWithoutSetupContext(torch.autograd.Function):
+    """An old-style ``autograd.Function`` (``forward(ctx, ...)``): torch.func transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(min=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x > 0)
+
+
+class OldStyleReLU(nn.Module):
+    """``relu`` through an old-style ``autograd.Function``, which torch.func's transforms refuse."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ReLUWithoutSetupContext.apply(x)
+
+
 class Classifier(LightningModule):
     """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional), or the optimizer that
     ``optimizer(parameters)`` makes."""

@@ -24,7 +24,18 @@ from lightning_lip import (
     LipRegistry,
 )
 from lightning_lip.callbacks._common import measurement_mode
-from tests.models import Classifier, Encoding, cnn, conv1d, loader, mlp, random_data, sequences, trainer_kwargs
+from tests.models import (
+    Classifier,
+    Encoding,
+    OldStyleReLU,
+    cnn,
+    conv1d,
+    loader,
+    mlp,
+    random_data,
+    sequences,
+    trainer_kwargs,
+)
 from tests.reference import dense_operator_norm
 
 
@@ -339,25 +350,6 @@ def test_manual_optimization_without_lip_loss_is_a_clear_error_at_setup(tmp_path
     assert model.n_training_steps == 0
 
 
-class _ReLUWithoutSetupContext(torch.autograd.Function):
-    """An old-style ``autograd.Function`` (``forward(ctx, ...)``): torch.func transforms refuse it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x > 0)
-
-
-class _OldStyleReLU(torch.nn.Module):
-    def forward(self, x):
-        return _ReLUWithoutSetupContext.apply(x)
-
-
 class _Checkpointed(torch.nn.Module):
     """Activation checkpointing: torch.func refuses its saved-tensor hooks; plain autograd differentiates the
     non-reentrant variant twice, not the reentrant one (``reentrant=None``: no checkpointing)."""
@@ -393,7 +385,7 @@ def _measured(tmp_path, callbacks, make, lr=2.0, module=Classifier):
     ("make", "plain"),
     [
         (
-            lambda: torch.nn.Sequential(mlp((16, 32)), _OldStyleReLU(), mlp((32, 4))),
+            lambda: torch.nn.Sequential(mlp((16, 32)), OldStyleReLU(), mlp((32, 4))),
             lambda: torch.nn.Sequential(mlp((16, 32)), torch.nn.ReLU(), mlp((32, 4))),
         ),
         (lambda: _checkpointed(False), lambda: _checkpointed(None)),

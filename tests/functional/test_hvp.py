@@ -7,7 +7,7 @@ from torch import nn
 
 from lightning_lip.functional.hvp import flatten, hvp_operator, trainable_parameters, unflatten
 from lightning_lip.functional.lanczos import lanczos
-from tests.models import TinyTransformer, cnn, mlp
+from tests.models import OldStyleReLU, TinyTransformer, cnn, mlp
 from tests.reference import dense_hessian
 
 
@@ -174,20 +174,6 @@ def test_weight_norm_hessian_is_exact(style):
     assert not torch.autograd.gradgradcheck(fused, (g0.requires_grad_(), v0.requires_grad_()), raise_exception=False)
 
 
-class _OldStyleClamp(torch.autograd.Function):
-    """``relu`` as an old-style ``autograd.Function`` (``forward(ctx, ...)``): torch.func transforms refuse it."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.clamp(min=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return grad * (x > 0)
-
-
 class _Obstacle(nn.Module):
     """``inner`` behind what torch.func cannot transform: non-reentrant activation checkpointing, an old-style
     ``autograd.Function``; ``None``: nothing."""
@@ -199,7 +185,7 @@ class _Obstacle(nn.Module):
     def forward(self, x):
         if self.obstacle == "checkpoint":
             return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
-        return self.inner(_OldStyleClamp.apply(x) if self.obstacle == "function" else x)
+        return self.inner(OldStyleReLU()(x) if self.obstacle == "function" else x)
 
 
 @pytest.mark.parametrize("obstacle", ["checkpoint", "function"])
