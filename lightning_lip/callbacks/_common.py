@@ -112,7 +112,8 @@ class Differentiation:
             return attempt(self.autograd)
         except RuntimeError as error:
             if self.autograd:
-                self.failure = differentiation_failure(error, self._owner, self._warn, self._consequence, pl_module)
+                reason = first_line(error)
+                self.failure = differentiation_failure(reason, self._owner, self._warn, self._consequence, pl_module)
                 return None
             func_reason = first_line(error)
         self._generator.set_state(state)
@@ -132,11 +133,10 @@ class Differentiation:
 
 
 def differentiation_failure(
-    error: RuntimeError | str, owner: str, warn: WarnOnce, consequence: str, pl_module: pl.LightningModule
+    reason: str, owner: str, warn: WarnOnce, consequence: str, pl_module: pl.LightningModule
 ) -> str:
-    """The reason, warned once, why the model's loss could not be differentiated (``error`` or its first line);
-    out-of-memory errors are raised again."""
-    reason = error if isinstance(error, str) else first_line(error)
+    """``reason``, warned once with ``consequence`` and the remedy: why the model's loss could not be
+    differentiated."""
     hint = (
         ""
         if callable(getattr(pl_module, "lip_loss", None))
@@ -393,11 +393,10 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
 
     Muted: ``log``/``log_dict``, and the ``forward``/``update`` of every torchmetrics ``Metric`` (they return
     ``None``), whose state would take in tensors from inside the measurements (``torch.func`` transforms, graphs
-    being differentiated). Restored: the
-    LightningModule's own public attributes, rebound or changed in place (a list, dict or set, such as Lightning's
-    ``self.training_step_outputs.append(loss)``). With ``batch_norm_train`` a ``SyncBatchNorm`` takes its rank's own
-    batch statistics: it synchronizes them in an ``autograd.Function`` with collectives inside, which the
-    measurements do not differentiate through.
+    being differentiated). Restored: the LightningModule's own public attributes, rebound or changed in place (a
+    list, dict or set, such as Lightning's ``self.training_step_outputs.append(loss)``). With ``batch_norm_train`` a
+    ``SyncBatchNorm`` takes its rank's own batch statistics: it synchronizes them in an ``autograd.Function`` with
+    collectives inside, which the measurements do not differentiate through.
     """
     modes = {m: m.training for m in pl_module.modules()}
     with ExitStack() as restore:

@@ -31,6 +31,7 @@ from lightning_lip.callbacks._common import (
     check_positive,
     detached,
     differentiation_failure,
+    first_line,
     measurement_mode,
     module_loss,
     tensorboard_writer,
@@ -239,7 +240,8 @@ class HessianEigenMonitor(Callback):
                 )
             except RuntimeError as error:
                 consequence = "no more Hessian measurements in this run (a CurvatureLRController holds its throttle)."
-                self.failure = differentiation_failure(error, type(self).__name__, self._warn, consequence, pl_module)
+                reason = first_line(error)
+                self.failure = differentiation_failure(reason, type(self).__name__, self._warn, consequence, pl_module)
                 self.n_skipped += 1
                 return {"lip/hessian/n_skipped": float(self.n_skipped)}
             density = None

@@ -176,7 +176,7 @@ def test_weight_norm_hessian_is_exact(style):
 
 class _Obstacle(nn.Module):
     """``inner`` behind what torch.func cannot transform: non-reentrant activation checkpointing, an old-style
-    ``autograd.Function``; ``None``: nothing."""
+    ``autograd.Function``."""
 
     def __init__(self, inner, obstacle):
         super().__init__()
