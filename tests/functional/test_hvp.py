@@ -15,36 +15,44 @@ def ce(module, batch):
     return F.cross_entropy(module(batch[0]), batch[1])
 
 
+def split_batch(x, y, sizes):
+    """``(x, y)`` as consecutive batches of ``sizes`` samples."""
+    return list(zip(x.split(sizes), y.split(sizes)))
+
+
 @pytest.mark.parametrize(
     ("make", "shape"),
     [(lambda: mlp((6, 10, 10, 3)), (6,)), (lambda: cnn(classes=3), (1, 8, 8)), (TinyTransformer, (5, 8))],
     ids=["mlp", "cnn", "transformer"],
 )
-def test_hvp_equals_dense_hessian_with_weighted_batches(make, shape):
+@pytest.mark.parametrize("split", [[8, 12], [20]], ids=["two-batches", "one-batch-graph-kept"])
+def test_hvp_equals_dense_hessian_with_weighted_batches(make, shape, split):
     """Also through ``nn.TransformerEncoderLayer``, whose fused attention kernel has no second derivative: the
-    products run attention on its math backend (they failed with "derivative ... not implemented")."""
+    products run attention on its math backend (they failed with "derivative ... not implemented"). With one batch
+    the gradient's graph is built once and every product goes back through it."""
     net = make().double()
     x, y = torch.randn(20, *shape, dtype=torch.float64), torch.randint(0, 3, (20,))
     H = dense_hessian(net, F.cross_entropy, x, y)
-    hvp = hvp_operator(net, ce, [(x[:8], y[:8]), (x[8:], y[8:])], batch_sizes=[8, 12])
+    hvp = hvp_operator(net, ce, split_batch(x, y, split), batch_sizes=split)
     for _ in range(3):
         v = torch.randn(H.shape[0], dtype=torch.float64)
         torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
 
 
-def test_a_random_loss_is_differentiated_at_one_draw_and_leaves_the_global_rng_alone():
+@pytest.mark.parametrize("split", [[5, 7], [12]], ids=["two-batches", "one-batch-graph-kept"])
+def test_a_random_loss_is_differentiated_at_one_draw_and_leaves_the_global_rng_alone(split):
     """Noise augmentation inside the loss: every product replays the draw of the random state the operator was made
     with, so the operator is the dense Hessian at that draw (not a new draw per product), and the global state is
     where it was: training goes on as if no product had run."""
     net = mlp((6, 10, 3)).double()
     x, y = torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,))
-    batches = [(x[:5], y[:5]), (x[5:], y[5:])]
+    batches = split_batch(x, y, split)
 
     def noisy(module, batch):
         return ce(module, (batch[0] + 0.3 * torch.randn_like(batch[0]), batch[1]))
 
     torch.manual_seed(3)
-    hvp = hvp_operator(net, noisy, batches, batch_sizes=[5, 7])
+    hvp = hvp_operator(net, noisy, batches, batch_sizes=split)
     state = torch.get_rng_state()
     n = sum(p.numel() for p in net.parameters())
     columns = torch.stack([hvp(e) for e in torch.eye(n, dtype=torch.float64)], 1)
