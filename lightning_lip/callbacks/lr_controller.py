@@ -296,13 +296,19 @@ class CurvatureLRController(Callback):
         optimizer = trainer.optimizers[0]
         if len(trainer.optimizers) > 1:
             self._warn("optimizers", "CurvatureLRController controls the first optimizer only.")
-        if len(self.states) != len(optimizer.param_groups):
-            self.states = [ThrottleState(bound=self.initial_bound) for _ in optimizer.param_groups]
-        self._controls = any(self.threshold(optimizer, group) is not None for group in optimizer.param_groups)
+        self._match_groups(optimizer)
         self._handles = [
             optimizer.register_step_pre_hook(partial(self._before_step, trainer)),
             optimizer.register_step_post_hook(self._after_step),
         ]
+
+    def _match_groups(self, optimizer: torch.optim.Optimizer) -> None:
+        """One throttle state per param group. A group added during training (as ``BackboneFinetuning`` adds the
+        backbone's when it unfreezes it) starts unthrottled; states beyond the groups are kept (a resumed run whose
+        groups are added back later)."""
+        added = len(optimizer.param_groups) - len(self.states)
+        self.states += [ThrottleState(bound=self.initial_bound) for _ in range(added)]
+        self._controls = any(self.threshold(optimizer, group) is not None for group in optimizer.param_groups)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -324,6 +330,8 @@ class CurvatureLRController(Callback):
     def _before_step(self, trainer: Trainer, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._scheduled is not None:  # an optimizer subclass whose step() calls super().step(): hooks run twice
             return
+        if len(self.states) < len(optimizer.param_groups):
+            self._match_groups(optimizer)
         registry, step = LipRegistry.of(trainer), trainer.global_step
         lam = self._signal(trainer, registry, step)
         self._scheduled = [float(group["lr"]) for group in optimizer.param_groups]
@@ -339,7 +347,7 @@ class CurvatureLRController(Callback):
         self._rows = rows
         if self._nonfinite:  # seen by `on_before_optimizer_step` before this hook (a GradScaler's order)
             self._emergency(optimizer)
-        registry.publish("lr/throttle", [s.throttle for s in self.states], step)
+        registry.publish("lr/throttle", [s.throttle for _, s in zip(rows, self.states)], step)
         registry.publish("lr/effective", [r[0] * s.throttle for r, s in zip(rows, self.states)], step)
 
     def _update(self, state: ThrottleState, ratio: float) -> None:
@@ -455,7 +463,7 @@ class CurvatureLRController(Callback):
             metrics["lip/lr/signal"] = lam
             metrics["lip/lr/ratio"] = effective_ratio(worst)
         if len(rows) > 1:
-            metrics |= {f"lip/lr/throttle/group_{i}": s.throttle for i, s in enumerate(self.states)}
+            metrics |= {f"lip/lr/throttle/group_{i}": s.throttle for i, s in enumerate(self.states[: len(rows)])}
         return metrics
 
     def _event_counts(self) -> dict[str, float]:

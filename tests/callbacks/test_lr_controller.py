@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
@@ -84,9 +85,9 @@ class ClosureFirst(Precision):
 ORDERS = {"closure_in_step": {}, "closure_first": {"plugins": [ClosureFirst()]}}
 
 
-def fit(tmp_path, model, callbacks, data=None, batch_size=16, **kw):
+def fit(tmp_path, model, callbacks, data=None, batch_size=16, ckpt_path=None, **kw):
     trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, **kw))
-    trainer.fit(model, loader(data or random_data(64), batch_size))
+    trainer.fit(model, loader(data or random_data(64), batch_size), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -204,6 +205,38 @@ def test_multiple_param_groups_are_throttled_separately(tmp_path):
     fit(tmp_path, model, [FixedSignal(lambda step: 20.0), controller])  # ratios 0.1 and 1.0
     assert model.optimizers().optimizer.used[-1] == pytest.approx([0.01, 0.05])
     assert [s.throttle for s in controller.states] == pytest.approx([1.0, 0.5])
+
+
+class Finetuned(Classifier):
+    """``BackboneFinetuning`` freezes ``backbone`` and adds it to the optimizer as a second param group later."""
+
+    def __init__(self):
+        super().__init__(mlp())
+        self.backbone = self.net[0]
+
+    def configure_optimizers(self):
+        return RecordingSGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def test_a_param_group_added_during_training_is_throttled_and_resumed(tmp_path):
+    """``BackboneFinetuning`` adds the backbone's group at epoch 1 (step 4) at the head's rate: ratio 1.0, throttle 0.5,
+    until the signal falls at step 6 and both recover. Resumed at step 8, where the controller's ``on_fit_start``
+    comes before the group is added back."""
+
+    def run(root, max_epochs, ckpt=None):
+        controller = CurvatureLRController(mode="strict", margin=0.5)
+        finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
+        model = Finetuned()
+        signal = FixedSignal(lambda step: 20.0 if step < 6 else 2.0)
+        trainer = fit(root, model, [signal, controller, finetuning], max_epochs=max_epochs, ckpt_path=ckpt)
+        return trainer, controller, model.optimizers().optimizer.used
+
+    _, full, used = run(tmp_path / "a", 3)
+    assert used[3] == pytest.approx([0.05]) and [len(lrs) for lrs in used[4:]] == [2] * 8
+    assert sum(used[4:6], []) == pytest.approx([0.05] * 4) and used[-1][0] == used[-1][1] < 0.1
+    run(tmp_path / "b", 2)[0].save_checkpoint(tmp_path / "c.ckpt")
+    _, second, resumed = run(tmp_path / "b", 3, ckpt=tmp_path / "c.ckpt")
+    assert len(second.states) == 2 and second.states == full.states and resumed == used[8:]
 
 
 PRECONDITIONED = {  # optimizer at lr 1 and its threshold
