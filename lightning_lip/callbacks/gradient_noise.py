@@ -35,7 +35,7 @@ from lightning_lip.callbacks._common import (
     write_tensorboard_layout,
 )
 from lightning_lip.functional._stateless import trainable_parameters
-from lightning_lip.functional.batch import batch_size, slice_batch
+from lightning_lip.functional.batch import batch_size, leading_sizes, slice_batch
 from lightning_lip.functional.noise import (
     centred,
     log_lipschitz_dynamics,
@@ -298,7 +298,16 @@ class GradientNoiseEstimator(Callback):
         if not params:
             self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
             return None
-        n = min(batch_size(batch), self.max_samples)
+        sizes = leading_sizes(batch)
+        if len(sizes) > 1:
+            self._warn(
+                "sizes",
+                f"{type(self).__name__}: the batch holds tensors of {sizes[0]} samples and tensors whose leading "
+                f"dimension is {', '.join(map(str, sizes[1:]))}; the latter are taken as shared by every sample. Where "
+                "they hold samples too (a CombinedLoader of loaders with different batch sizes), their noise is not in "
+                "the statistics: give the loaders one batch size.",
+            )
+        n = min(sizes[0], self.max_samples)
         sub = slice_batch(batch, 0, n)
         grads = self._differentiation(partial(self._per_sample_grads, pl_module, sub, params), pl_module)
         if grads is None:

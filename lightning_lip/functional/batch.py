@@ -61,13 +61,20 @@ def batch_tree(batch: Any) -> tuple[Any, Rebuild]:
 
 def batch_size(batch: Any) -> int:
     """The number of samples ``B`` in ``batch``: the leading dimension of its first tensor with one."""
-    sizes = (t.shape[0] for t in tree_leaves(batch_tree(batch)[0]) if isinstance(t, Tensor) and t.dim() > 0)
-    size = next(sizes, None)
-    if size is None:
+    sizes = leading_sizes(batch)
+    if not sizes:
         raise ValueError(
             f"Cannot tell the batch size of a {type(batch).__name__}: it holds no tensor with a dimension."
         )
-    return size
+    return sizes[0]
+
+
+def leading_sizes(batch: Any) -> list[int]:
+    """The distinct leading dimensions of ``batch``'s tensors, in order: ``[B]`` unless it also holds tensors that
+    are not per sample (or samples batched differently, as a ``CombinedLoader`` of loaders with other batch
+    sizes)."""
+    leaves = tree_leaves(batch_tree(batch)[0])
+    return list(dict.fromkeys(t.shape[0] for t in leaves if isinstance(t, Tensor) and t.dim() > 0))
 
 
 def sample_dims(tree: Any, n: int) -> Any:

@@ -248,6 +248,25 @@ def test_nan_per_sample_gradients_and_batch_of_one_are_skipped(tmp_path):
     assert single.n_skipped == 4
 
 
+class TwoLoaders(Classifier):
+    """Trains on the batches of two loaders at once, as Lightning combines a dict of loaders."""
+
+    def training_step(self, batch, batch_idx):
+        return sum(F.cross_entropy(self(x), y) for x, y in batch.values())
+
+
+@pytest.mark.parametrize("sizes", [(16, 16), (16, 24)])
+def test_loaders_combined_with_other_batch_sizes_warn_once(tmp_path, recwarn, sizes):
+    """Samples are taken along the first tensor's leading dimension: two loaders' batches of one size pair up into
+    samples; of different sizes, the second's are shared by every sample, which a warning says once."""
+    noise = GradientNoiseEstimator(every_n_steps=1)
+    loaders = {name: loader(random_data(64, seed=i), size) for i, (name, size) in enumerate(zip("ab", sizes))}
+    Trainer(callbacks=[noise], **trainer_kwargs(tmp_path)).fit(TwoLoaders(mlp()), loaders)
+    warned = [str(w.message) for w in recwarn if "shared by every sample" in str(w.message)]
+    assert noise.n_runs == 4 and len(warned) == (sizes[0] != sizes[1])
+    assert all("tensors of 16 samples and tensors whose leading dimension is 24" in w for w in warned)
+
+
 def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     class AdamPartly(Classifier):
         def __init__(self):

@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.utils._pytree import tree_flatten
 
-from lightning_lip.functional.batch import batch_size, batch_tree, slice_batch
+from lightning_lip.functional.batch import batch_size, batch_tree, leading_sizes, slice_batch
 from tests.models import Encoding
 
 Pair = namedtuple("Pair", "x y")
@@ -55,3 +55,4 @@ def test_batch_size_and_slices_take_the_per_sample_tensors_only():
     assert part["batch"].meta["weights"].shape == (2,) and part["counts"]["a"].shape == ()  # not per sample
     with pytest.raises(ValueError, match="batch size"):
         batch_size({"names": ["a", "b"], "step": torch.tensor(3)})
+    assert leading_sizes(batch) == [4, 2] and leading_sizes({"names": ["a"], "step": torch.tensor(3)}) == []
