@@ -7,7 +7,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from tests.callbacks.test_lr_controller import RecordingSGD
-from tests.ddp import ddp_trainer_kwargs
+from tests.ddp import ddp_trainer_kwargs, save_rank
 from tests.models import Classifier, cnn, loader, random_data
 from tests.test_composition import four
 
@@ -32,7 +32,4 @@ if __name__ == "__main__":
         "throttle": [vars(s) for s in controller.states],
     }
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    torch.save(
-        {"used": model.optimizers().optimizer.used, "params": params, "metrics": metrics},
-        f"{out}/rank{trainer.global_rank}.pt",
-    )
+    save_rank(trainer, out, {"used": model.optimizers().optimizer.used, "params": params, "metrics": metrics})

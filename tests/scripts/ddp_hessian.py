@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_lip import HessianEigenMonitor
-from tests.ddp import ddp_trainer_kwargs
+from tests.ddp import ddp_trainer_kwargs, save_rank
 from tests.models import Classifier, loader, mlp, random_data
 
 if __name__ == "__main__":
@@ -24,7 +24,9 @@ if __name__ == "__main__":
     monitor = HessianEigenMonitor(every_n_steps=2, num_samples=num_samples, tol=1e-6, max_iter=200, converge_min=True)
     trainer = Trainer(**ddp_trainer_kwargs(callbacks=[monitor]))
     trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))
-    torch.save(
+    save_rank(
+        trainer,
+        out,
         {
             "lambda_max": monitor.last["lip/hessian/lambda_max"],
             "lambda_min": monitor.last["lip/hessian/lambda_min"],
@@ -32,5 +34,4 @@ if __name__ == "__main__":
             "y": torch.cat([b[1] for b in monitor._probe]),
             "params": {k: v.detach().clone() for k, v in model.state_dict().items()},
         },
-        f"{out}/rank{trainer.global_rank}.pt",
     )

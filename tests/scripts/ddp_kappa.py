@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch import Callback, Trainer
 
 from lightning_lip import KappaBudgetProjection
-from tests.ddp import ddp_trainer_kwargs
+from tests.ddp import ddp_trainer_kwargs, save_rank
 from tests.models import Classifier, cnn, loader, random_data
 
 
@@ -38,7 +38,6 @@ if __name__ == "__main__":
     record = RecordWeights(projection)
     trainer = Trainer(**ddp_trainer_kwargs(max_epochs=2, callbacks=[projection, record]))
     trainer.fit(model, loader(random_data(64, (1, 8, 8)), batch_size=8))
-    torch.save(
-        {"weights": record.weights, "n_projections": projection.n_projections, "bound": projection.bound},
-        f"{out}/rank{trainer.global_rank}.pt",
+    save_rank(
+        trainer, out, {"weights": record.weights, "n_projections": projection.n_projections, "bound": projection.bound}
     )

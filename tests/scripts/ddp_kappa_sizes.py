@@ -8,7 +8,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection
-from tests.ddp import ddp_trainer_kwargs
+from tests.ddp import ddp_trainer_kwargs, save_rank
 from tests.models import Classifier, conv1d, sequences
 from tests.scripts.ddp_kappa import RecordWeights
 
@@ -23,7 +23,9 @@ if __name__ == "__main__":
     callbacks = [projection, noise, record]
     trainer = Trainer(**ddp_trainer_kwargs(max_epochs=2, callbacks=callbacks, use_distributed_sampler=False))
     trainer.fit(model, sequences((5, 9, 7) if trainer.global_rank == 0 else (16, 12, 11)))
-    torch.save(
+    save_rank(
+        trainer,
+        out,
         {
             "weights": record.weights,
             "shapes": projection._shapes.shapes,
@@ -31,5 +33,4 @@ if __name__ == "__main__":
             "lengths_seen": record.lengths,
             "noise": {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")},
         },
-        f"{out}/rank{trainer.global_rank}.pt",
     )

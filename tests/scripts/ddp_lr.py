@@ -7,7 +7,7 @@ from lightning.pytorch import Trainer
 
 from lightning_lip import CurvatureLRController, LipRegistry
 from tests.callbacks.test_lr_controller import FixedSignal, RecordingSGD
-from tests.ddp import ddp_trainer_kwargs
+from tests.ddp import ddp_trainer_kwargs, save_rank
 from tests.models import Classifier, loader, mlp, random_data
 
 
@@ -33,4 +33,4 @@ if __name__ == "__main__":
         "loss_ema": controller.loss_ema,
         "n_spikes": controller.n_spikes,
     }
-    torch.save({"used": used, "params": params, "controller": state}, f"{out}/rank{trainer.global_rank}.pt")
+    save_rank(trainer, out, {"used": used, "params": params, "controller": state})

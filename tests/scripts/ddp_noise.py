@@ -10,7 +10,7 @@ from lightning.pytorch import Trainer
 
 from lightning_lip import GradientNoiseEstimator
 from lightning_lip.callbacks._common import TimeBudget
-from tests.ddp import ddp_trainer_kwargs
+from tests.ddp import ddp_trainer_kwargs, save_rank
 from tests.models import Classifier, loader, mlp, random_data
 
 
@@ -39,7 +39,4 @@ if __name__ == "__main__":
     trainer.fit(model, loader(random_data(64, (8,)), batch_size=8))  # 20 steps; measured before every even one
     (x, y), params = noise.seen
     last = {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")}
-    torch.save(
-        {"last": last, "x": x, "y": y, "params": params, "budgeted_steps": budgeted.steps},
-        f"{out}/rank{trainer.global_rank}.pt",
-    )
+    save_rank(trainer, out, {"last": last, "x": x, "y": y, "params": params, "budgeted_steps": budgeted.steps})
