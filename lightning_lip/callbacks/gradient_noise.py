@@ -211,14 +211,7 @@ class GradientNoiseEstimator(Callback):
             self._layers = {n: modules[n] for n in self.layers}
         else:
             self._layers = {n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES) and _trained(m)}
-        computed = [n for n, m in self._layers.items() if isinstance(m, _DYNAMICS_TYPES) and not _own_weight(m)]
-        if computed:
-            self._warn(
-                "computed",
-                f"{type(self).__name__}: no Lipschitz dynamics for layers whose weight is computed (parametrized, or "
-                f"recomputed by a hook), as the optimizer steps other tensors: {', '.join(computed)}. Their gradients "
-                "count in the noise statistics and their SNR.",
-            )
+        self._warn_computed()
         self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
         if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
             self._warn(
@@ -226,6 +219,17 @@ class GradientNoiseEstimator(Callback):
                 f"{type(self).__name__} predicts each step with the Trainer's gradient clipping (`gradient_clip_val`, "
                 f"`gradient_clip_algorithm`); {type(pl_module).__name__} overrides `configure_gradient_clipping`, "
                 "and what it does differently is not in the prediction.",
+            )
+
+    def _warn_computed(self) -> None:
+        """Warn once about the layers without dynamics (again where more join them, as pruning during fit does)."""
+        computed = [n for n, m in self._layers.items() if isinstance(m, _DYNAMICS_TYPES) and not _own_weight(m)]
+        if computed:
+            self._warn(
+                f"computed/{computed}",
+                f"{type(self).__name__}: no Lipschitz dynamics for layers whose weight is computed (parametrized, "
+                f"pruned, or recomputed by a hook), as the optimizer steps other tensors: {', '.join(computed)}. Their "
+                "gradients count in the noise statistics and their SNR.",
             )
 
     @override
@@ -298,6 +302,7 @@ class GradientNoiseEstimator(Callback):
         if not params:
             self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
             return None
+        self._warn_computed()
         sizes = leading_sizes(batch)
         if len(sizes) > 1:
             self._warn(

@@ -47,6 +47,7 @@ from lightning_lip.functional.spectral import (
     random_start,
     rescale_weight,
     uniform_budget,
+    weight_pruning,
 )
 from lightning_lip.registry import LipRegistry
 
@@ -242,7 +243,8 @@ class KappaBudgetProjection(Callback):
             if is_supported(module) and not _weight_is_stored(module):
                 excluded.append(
                     f"{name} ({type(module).__name__}: weight recomputed by a hook, as by the deprecated "
-                    "torch.nn.utils.weight_norm; torch.nn.utils.parametrizations.weight_norm is supported)"
+                    "torch.nn.utils.weight_norm; torch.nn.utils.parametrizations.weight_norm and torch.nn.utils.prune "
+                    "are supported)"
                 )
             elif is_supported(module) and (wanted is None or name in wanted):
                 if _weight_source(module) not in weights:
@@ -509,20 +511,26 @@ def _autocast_off(device_type: str) -> AbstractContextManager[Any]:
 
 
 def _weight_parameters(layer: nn.Module) -> list[Tensor]:
-    """The parameters ``layer.weight`` is computed from: itself, or the originals of its parametrization."""
+    """The parameters ``layer.weight`` is computed from: itself, ``weight_orig`` where it is pruned (the same
+    parameter, moved there by ``torch.nn.utils.prune``), or the originals of its parametrization."""
     if parametrize.is_parametrized(layer, "weight"):
         return list(layer.parametrizations["weight"].parameters(recurse=False))
-    return [layer.weight]
+    return [layer.weight_orig if weight_pruning(layer) is not None else layer.weight]
 
 
 def _weight_source(layer: nn.Module) -> int:
     """Identity of the tensor ``layer.weight`` (tied weights share it; a parametrized weight is computed anew on every
-    access, so its parametrization stands for it)."""
+    access, so its parametrization stands for it; a pruned one, its original)."""
     if parametrize.is_parametrized(layer, "weight"):
         return id(layer.parametrizations["weight"])
-    return id(layer.weight)
+    return id(_weight_parameters(layer)[0])
 
 
 def _weight_is_stored(layer: nn.Module) -> bool:
-    """Whether ``layer.weight`` is a parameter or parametrized, not a tensor a forward pre-hook recomputes."""
-    return isinstance(layer.weight, nn.Parameter) or parametrize.is_parametrized(layer, "weight")
+    """Whether ``layer.weight`` is a parameter, pruned or parametrized, not a tensor another forward pre-hook
+    recomputes."""
+    return (
+        isinstance(layer.weight, nn.Parameter)
+        or parametrize.is_parametrized(layer, "weight")
+        or weight_pruning(layer) is not None
+    )

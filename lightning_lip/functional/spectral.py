@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
+from torch.nn.utils import parametrize, prune
 
 from lightning_lip.functional.lanczos import lanczos
 
@@ -57,6 +57,22 @@ def is_supported(module: nn.Module) -> bool:
     return isinstance(module, SUPPORTED_LAYERS)
 
 
+def current_weight(module: nn.Module) -> Tensor:
+    """``module.weight`` as the next forward pass computes it. A pruned weight (``torch.nn.utils.prune``, as
+    Lightning's ``ModelPruning`` prunes) is ``weight_orig * weight_mask``, recomputed by a forward pre-hook: the
+    attribute holds its value of the last forward pass, from before the optimizer stepped ``weight_orig``."""
+    pruning = weight_pruning(module)
+    return module.weight if pruning is None else pruning.apply_mask(module)
+
+
+def weight_pruning(module: nn.Module) -> prune.BasePruningMethod | None:
+    """The ``torch.nn.utils.prune`` method that recomputes ``module.weight`` before each forward pass, if any."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, prune.BasePruningMethod) and hook._tensor_name == "weight":
+            return hook
+    return None
+
+
 def sample_shape(module: nn.Module, tensor: Tensor) -> tuple[int, ...]:
     """Shape of one sample of a layer's input or output ``tensor`` (leading batch dimensions removed)."""
     if isinstance(module, nn.Linear):
@@ -83,7 +99,7 @@ def layer_operator(
     Returns:
         A function mapping a tensor of ``input_shape`` to a tensor of the output shape.
     """
-    weight = module.weight.detach() if weight is None else weight
+    weight = current_weight(module).detach() if weight is None else weight
     if weight.dtype in (torch.float16, torch.bfloat16):
         weight = weight.float()
     if isinstance(module, nn.Linear):
@@ -346,10 +362,16 @@ def projection_scale(sigma: float, kappa: float) -> float:
 
 @torch.no_grad()
 def rescale_weight(module: nn.Module, scale: float) -> bool:
-    r""":math:`W \leftarrow s\,W` in place for ``module.weight``, a parameter or a parametrized tensor (through the
-    ``right_inverse`` of its parametrizations, e.g. weight normalization's). Returns ``False``, with the module left
-    unchanged, where the parametrizations do not give the rescaled weight back: no ``right_inverse``, one that
-    raises (``orthogonal``'s on a matrix that is not), or one that renormalizes (``spectral_norm``'s)."""
+    r""":math:`W \leftarrow s\,W` in place for ``module.weight``: a parameter, a pruned weight (through
+    ``weight_orig``, see :func:`current_weight`) or a parametrized tensor (through the ``right_inverse`` of its
+    parametrizations, e.g. weight normalization's). Returns ``False``, with the module left unchanged, where the
+    parametrizations do not give the rescaled weight back: no ``right_inverse``, one that raises (``orthogonal``'s
+    on a matrix that is not), or one that renormalizes (``spectral_norm``'s)."""
+    pruning = weight_pruning(module)
+    if pruning is not None:
+        module.weight_orig.mul_(scale)
+        pruning(module, ())  # the attribute as the next forward pass computes it
+        return True
     if not parametrize.is_parametrized(module, "weight"):
         module.weight.mul_(scale)
         return True

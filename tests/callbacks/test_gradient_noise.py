@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -265,6 +266,18 @@ def test_loaders_combined_with_other_batch_sizes_warn_once(tmp_path, recwarn, si
     warned = [str(w.message) for w in recwarn if "shared by every sample" in str(w.message)]
     assert noise.n_runs == 4 and len(warned) == (sizes[0] != sizes[1])
     assert all("tensors of 16 samples and tensors whose leading dimension is 24" in w for w in warned)
+
+
+def test_layers_pruned_during_fit_lose_their_dynamics_with_one_warning(tmp_path, recwarn):
+    """``ModelPruning`` makes every weight ``weight_orig * weight_mask`` at the first epoch's end: from then on the
+    layers have no dynamics, which a warning says once (they disappeared silently), and keep their SNR."""
+    noise = GradientNoiseEstimator(every_n_steps=2)
+    pruning = ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False, verbose=0)
+    fit(tmp_path, Classifier(mlp()), random_data(64), [noise, pruning], max_epochs=2)
+    warned = [str(w.message) for w in recwarn if "no Lipschitz dynamics" in str(w.message)]
+    assert noise.n_runs == 4 and len(warned) == 1 and ": net.0, net.2, net.4. " in warned[0]
+    assert {k for k in noise.last if "/snr/" in k} == {f"lip/noise/snr/net.{i}" for i in (0, 2, 4)}
+    assert not [k for k in noise.last if "/drift/" in k]
 
 
 def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):

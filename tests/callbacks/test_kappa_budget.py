@@ -4,8 +4,10 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelPruning
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
+from torch.nn.utils import prune
 
 from lightning_lip import KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import LayerShapes
@@ -537,6 +539,52 @@ def test_weight_recomputed_by_a_hook_is_listed_not_projected(tmp_path):
     with pytest.warns(UserWarning, match=r"net.0 \(Linear: weight recomputed by a hook"):
         Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
     assert set(proj.sigmas) == {"net.2", "net.4"}
+
+
+def _as_trained(module: nn.Module) -> nn.Module:
+    """``module`` with the weight and bias its next forward pass computes, ``weight_orig * weight_mask`` where they
+    are pruned (the attributes hold the values of the last forward pass; detached, the module can be copied)."""
+    for name in ("weight", "bias"):
+        if hasattr(module, f"{name}_orig"):
+            setattr(module, name, (getattr(module, f"{name}_orig") * getattr(module, f"{name}_mask")).detach())
+    return module
+
+
+class PrunedNorms(DenseNorms):
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        norms = {name: dense_operator_norm(_as_trained(m), self.shapes.get(name)) for name, m in _layers(pl_module)}
+        self.records.append((norms, dict(self.projection._current_kappas), self.projection.bound))
+
+
+def _layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, SUPPORTED_LAYERS)]
+
+
+@pytest.mark.parametrize("pre_pruned", [False, True])
+def test_pruned_layers_are_measured_and_projected_as_the_forward_pass_computes_them(tmp_path, pre_pruned):
+    """``ModelPruning`` prunes 30 % more of every weight at each epoch's end: ``weight`` becomes ``weight_orig *
+    weight_mask``, recomputed before each forward pass, so that the attribute is stale after a step. The layers stay
+    covered (also where pruned before fit: ``pre_pruned``, without ``ModelPruning``, which cannot copy such a
+    model), and after every step their norms (of the weight the next forward pass computes) meet the budgets.
+    Before, the callback measured and rescaled the stale attribute, which the next forward pass overwrote (a CNN's
+    norms multiplied to 20.8 under a logged bound of 2.0 after 5 epochs)."""
+    model = Classifier(cnn(padding_mode="zeros"), lr=0.05)
+    if pre_pruned:
+        prune.random_unstructured(model.net[2], "weight", amount=0.5)
+    proj = KappaBudgetProjection(max_lipschitz=0.5, audit_every_n_steps=0)
+    norms = PrunedNorms(proj, {"net.0": (1, 8, 8), "net.2": (4, 8, 8)})
+    pruning = ModelPruning("l1_unstructured", amount=0.3, make_pruning_permanent=False, verbose=0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(project|frozen|hook).*")
+        callbacks = [proj, norms] if pre_pruned else [proj, norms, pruning]
+        Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=3)).fit(
+            model, loader(random_data(64, (1, 8, 8)))
+        )
+    pruned = {name for name, m in _layers(model) if prune.is_pruned(m)}
+    assert pruned == ({"net.2"} if pre_pruned else set(proj.sigmas)) and len(norms.records) == proj.n_projections == 12
+    for dense, kappas, bound in norms.records:
+        assert all(dense[name] <= kappas[name] * (1 + 1e-3) for name in dense)
+        assert math.prod(dense.values()) <= 0.5 * (1 + 1e-2) and bound == pytest.approx(math.prod(dense.values()), 1e-2)
 
 
 def test_custom_allocation_by_subclassing(tmp_path):

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 from lightning_lip.functional.spectral import (
     _with_adjoint,
@@ -49,6 +50,20 @@ def test_operator_is_the_layer_minus_bias(make, shape):
     x = torch.randn(shape, dtype=torch.float64)
     expected = layer(x.unsqueeze(0))[0] - layer(torch.zeros_like(x).unsqueeze(0))[0]
     torch.testing.assert_close(layer_operator(layer, shape)(x), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(("make", "shape"), [CASES[0], CASES[5], CASES[13]], ids=["linear", "conv", "conv_transpose"])
+def test_operator_of_a_pruned_layer_is_that_of_its_next_forward_pass(make, shape):
+    """``torch.nn.utils.prune`` recomputes ``weight = weight_orig * weight_mask`` before each forward pass: after a
+    step on ``weight_orig`` the attribute is stale, and the operator is the one the next forward pass applies."""
+    layer = make().double()
+    prune.l1_unstructured(layer, "weight", amount=0.4)
+    with torch.no_grad():
+        layer.weight_orig.add_(torch.randn_like(layer.weight_orig))
+    operator = layer_operator(layer, shape)
+    x = torch.randn(shape, dtype=torch.float64)
+    expected = layer(x.unsqueeze(0))[0] - layer(torch.zeros_like(x).unsqueeze(0))[0]
+    torch.testing.assert_close(operator(x), expected, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -280,6 +295,7 @@ def _parametrized(kind: str) -> nn.Module:
     P = nn.utils.parametrizations
     make = {
         "plain": lambda: layer,
+        "pruned": lambda: prune.l1_unstructured(layer, "weight", amount=0.5),
         "weight_norm": lambda: P.weight_norm(layer),
         "weight_norm_conv": lambda: P.weight_norm(layer),
         "spectral_norm": lambda: P.spectral_norm(layer),  # training mode: every read advances its power iteration
@@ -294,20 +310,31 @@ def _parametrized(kind: str) -> nn.Module:
 
 @pytest.mark.parametrize(
     "kind",
-    ["plain", "weight_norm", "weight_norm_conv", "spectral_norm", "orthogonal", "orthogonal_fixed", "no_right_inverse"],
+    [
+        "plain",
+        "pruned",
+        "weight_norm",
+        "weight_norm_conv",
+        "spectral_norm",
+        "orthogonal",
+        "orthogonal_fixed",
+        "no_right_inverse",
+    ],
 )
 def test_rescale_weight(kind):
-    """Plain and weight-normalized weights are rescaled in place (the parameters keep their storage); parametrizations
-    that cannot take the rescaled weight back (renormalizing, raising, or without ``right_inverse``) leave the module
-    bit-identical, buffers included, and say so."""
+    """Plain, pruned (through ``weight_orig``) and weight-normalized weights are rescaled in place (the parameters keep
+    their storage); parametrizations that cannot take the rescaled weight back (renormalizing, raising, or without
+    ``right_inverse``) leave the module bit-identical, buffers included, and say so."""
     layer = _parametrized(kind)
     params = dict(layer.named_parameters())
     target = layer.weight.detach() * 0.3  # a read: before the snapshot (spectral_norm's vectors move)
     before, pointers = copy.deepcopy(layer.state_dict()), {n: p.data_ptr() for n, p in params.items()}
     rescaled = rescale_weight(layer, 0.3)
-    assert rescaled == (kind in ("plain", "weight_norm", "weight_norm_conv"))
+    assert rescaled == (kind in ("plain", "pruned", "weight_norm", "weight_norm_conv"))
     assert {n: p.data_ptr() for n, p in layer.named_parameters()} == pointers
     if rescaled:  # float32: the right inverse and the parametrization round trip in a few ulps
+        torch.testing.assert_close(layer.weight, target, rtol=1e-6, atol=1e-7)
+        layer(torch.zeros(1, 4) if isinstance(layer, nn.Linear) else torch.zeros(1, 2, 3, 3))  # recomputed: the same
         torch.testing.assert_close(layer.weight, target, rtol=1e-6, atol=1e-7)
         assert torch.equal(layer.bias, before["bias"])
     else:
