@@ -54,6 +54,7 @@ from lightning_lip.registry import LipRegistry
 log = logging.getLogger(__name__)
 
 _REFINE_NOISE = 1e-3  # relative noise in a refinement's start vector, see KappaBudgetProjection._measure
+_END_TOL = 1e-3  # relative change of a layer's norm since the last projection that the end of fit corrects
 _NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
@@ -75,7 +76,11 @@ class KappaBudgetProjection(Callback):
     that cannot be rescaled (frozen, or a parametrization that does not take a rescaled weight, such as
     ``spectral_norm``'s) keep their norm, warned once; the factor by which they exceed their budgets is taken from the
     other layers' budgets (:func:`~lightning_lip.functional.spectral.absorb_fixed`), so the product still meets
-    ``max_lipschitz``.
+    ``max_lipschitz``. A pruned weight (``torch.nn.utils.prune``) is measured as the next forward pass computes it and
+    rescaled through ``weight_orig``. At the end of fit (with audits on) every layer is measured tightly once more;
+    where a norm moved by more than ``1e-3`` since the last projection (a weight average or pruning changed the
+    weights after the last step), the layers are projected once more, so that the model ``fit`` returns keeps the
+    bound.
 
     Logged (``pl_module.log``, per step): ``lip/kappa/bound``, ``lip/kappa/log10_bound``, ``lip/kappa/n_projected``,
     ``lip/kappa/n_skipped``, ``lip/kappa/seconds``, per layer ``lip/kappa/sigma/<layer>`` and
@@ -99,7 +104,8 @@ class KappaBudgetProjection(Callback):
             the step's move of the weights cancels from it to first order), or when :math:`\sigma` moved by more
             than :math:`\sqrt{tol}` relative since the last step, that layer is re-measured by warm-started
             Lanczos.
-        audit_every_n_steps: run a tight Lanczos measurement every this many steps; ``0`` disables audits.
+        audit_every_n_steps: run a tight Lanczos measurement every this many steps, and once at the end of fit;
+            ``0`` disables audits.
         audit_tol: relative tolerance of the audit on :math:`\sigma^2` (the audited :math:`\sigma` is within
             about half of it).
         audit_max_iterations: cap on Lanczos steps of an audit.
@@ -276,12 +282,13 @@ class KappaBudgetProjection(Callback):
         self.project(trainer, step=trainer.global_step + 1)
 
     @torch.no_grad()
-    def project(self, trainer: Trainer, step: int) -> None:
-        """Measure every layer, allocate the budget, rescale the layers over budget, publish and queue the logs."""
+    def project(self, trainer: Trainer, step: int, audit: bool | None = None) -> None:
+        """Measure every layer, allocate the budget, rescale the layers over budget, publish and queue the logs; an
+        audit (tight Lanczos measurements) where ``audit`` or, by default, :meth:`should_audit` says so."""
         if not self._layers:
             return
         start = time.perf_counter()
-        audit = self.should_audit(step)
+        audit = self.should_audit(step) if audit is None else audit
         if trainer.world_size > 1:
             self._shapes.all_reduce(self._layers, trainer.strategy)
         operators = {name: op for name, layer in self._layers.items() if (op := self._operator(name, layer))}
@@ -465,6 +472,26 @@ class KappaBudgetProjection(Callback):
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._remove_hooks()
+        if self.audit_every_n_steps > 0 and self._sigmas and self._changed_after_last_step(trainer):
+            log.info(f"{type(self).__name__}: the weights changed after the last step; projected once more.")
+            self.project(trainer, trainer.global_step, audit=True)
+
+    @torch.no_grad()
+    def _changed_after_last_step(self, trainer: Trainer) -> bool:
+        """Whether a layer's norm, measured tightly at the end of fit, is more than ``1e-3`` away from its norm after
+        the last projection: its weights changed after the last step, as a weight average
+        (``StochasticWeightAveraging``, ``WeightAveraging``) or pruning at the end of the last epoch
+        (``ModelPruning``) changes them, or the last estimate was off. Changes none of the callback's state."""
+        generator = torch.Generator().manual_seed(0)
+        changed = False
+        for name, layer in self._layers.items():
+            operator = self._shapes.operator(name, layer)
+            if operator is None or name not in self._sigmas:
+                continue
+            start = random_start(self._shapes.input_shape(name, layer), layer.weight, generator)
+            sigma = lanczos_svd(operator, start, self.audit_max_iterations, self.audit_tol).sigma.item()
+            changed = changed or abs(sigma - self._sigmas[name]) > _END_TOL * self._sigmas[name]
+        return bool(trainer.strategy.broadcast(changed, src=0))
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

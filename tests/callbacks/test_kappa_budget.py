@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
-from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.nn.utils import prune
@@ -585,6 +585,35 @@ def test_pruned_layers_are_measured_and_projected_as_the_forward_pass_computes_t
     for dense, kappas, bound in norms.records:
         assert all(dense[name] <= kappas[name] * (1 + 1e-3) for name in dense)
         assert math.prod(dense.values()) <= 0.5 * (1 + 1e-2) and bound == pytest.approx(math.prod(dense.values()), 1e-2)
+
+
+def _weight_averaging():
+    return pytest.importorskip("lightning.pytorch.callbacks.weight_averaging").WeightAveraging()  # Lightning >= 2.6
+
+
+OTHERS = {
+    "none": list,
+    "swa": lambda: [StochasticWeightAveraging(swa_lrs=0.1, swa_epoch_start=2)],
+    "ema": lambda: [_weight_averaging()],
+    "pruning": lambda: [ModelPruning("l1_unstructured", amount=0.3, verbose=0)],
+}
+
+
+@pytest.mark.parametrize("other", list(OTHERS))
+def test_weights_changed_after_the_last_step_are_projected_at_the_end_of_fit(tmp_path, other):
+    """``StochasticWeightAveraging`` and ``WeightAveraging`` copy their average into the model when training ends,
+    ``ModelPruning`` prunes at the last epoch's end: no step projected the weights ``fit`` returns. The end of fit
+    measures every layer tightly and projects once more where a norm moved: the final norms meet the budgets, and
+    ``bound`` is theirs. Where nothing moved, nothing is projected."""
+    model = Classifier(cnn(padding_mode="zeros"), lr=0.1, momentum=0.9)
+    proj = KappaBudgetProjection(max_lipschitz=2.0)
+    trainer = Trainer(callbacks=[proj, *OTHERS[other]()], **trainer_kwargs(tmp_path, max_epochs=5))
+    trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    shapes = {"net.0": (1, 8, 8), "net.2": (4, 8, 8)}
+    dense = {name: dense_operator_norm(m, shapes.get(name)) for name, m in _layers(model)}
+    assert all(dense[name] <= proj._current_kappas[name] * (1 + 1e-3) for name in dense)
+    assert proj.bound == pytest.approx(math.prod(dense.values()), rel=1e-4) and proj.bound <= 2.0 * (1 + 1e-2)
+    assert proj.n_projections == trainer.global_step + (other != "none")
 
 
 def test_custom_allocation_by_subclassing(tmp_path):
