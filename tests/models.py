@@ -56,6 +56,19 @@ def sequences(lengths: tuple[int, ...] = (9, 16, 5, 12, 7, 11), batch: int = 8, 
     return DataLoader(batches, batch_size=None)
 
 
+class Aliased(nn.Module):
+    """``backbone`` is ``net[0]``: one module registered under two names, as ``BackboneFinetuning`` asks for a
+    ``backbone`` of a network; a BatchNorm in it, for ``[B, 6]``."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Sequential(nn.Linear(6, 10), nn.BatchNorm1d(10), nn.ReLU()), nn.Linear(10, classes))
+        self.backbone = self.net[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
 class TinyTransformer(nn.Module):
     """One ``nn.TransformerEncoderLayer`` (scaled dot-product attention) and a linear head, for ``[B, 5, 8]``."""
 

@@ -34,15 +34,40 @@ def stateless_loss(module: nn.Module, loss_fn: LossFn) -> Callable[[dict[str, Te
     (``src_key_padding_mask``), which ``vmap`` cannot batch.
     """
     call = _LossCall(module, loss_fn)
-    buffers = {f"module.{name}": b.detach() for name, b in module.named_buffers()}
+    param_paths, buffer_paths = _paths(module, module.named_parameters), _paths(module, module.named_buffers)
+    buffers = {name: b.detach() for name, b in module.named_buffers()}
     weight_norm = _DecomposedWeightNorm if uses_weight_norm(module) else nullcontext
 
     def loss(params: dict[str, Tensor], batch: Any) -> Tensor:
-        state = {f"module.{n}": p for n, p in params.items()} | {k: b.clone() for k, b in buffers.items()}
+        clones = {name: b.clone() for name, b in buffers.items()}
+        state = {
+            f"module.{path}": t
+            for tensors, paths in ((params, param_paths), (clones, buffer_paths))
+            for name, t in tensors.items()
+            for path in paths.get(name, [name])
+        }
         with weight_norm(), sdpa_kernel(SDPBackend.MATH), _attention_fast_path_off():
-            return torch.func.functional_call(call, state, (batch,))
+            return torch.func.functional_call(call, state, (batch,), tie_weights=False)
 
     return loss
+
+
+def _paths(module: nn.Module, named: Callable[..., Iterator[tuple[str, Tensor]]]) -> dict[str, list[str]]:
+    """``{name: paths}`` for the tensors ``named()`` lists: one path to each distinct (module, attribute) that holds
+    the tensor. A tensor tied into several modules has several; a module registered under two names
+    (``self.backbone = self.net[0]``) one, so that ``functional_call`` swaps each attribute once. Its own tying
+    (``tie_weights=True``) swaps such an attribute twice, and puts the swapped-in tensor back into the module
+    instead of the original (torch 2.13)."""
+    first: dict[int, str] = {}
+    paths: dict[str, list[str]] = {}
+    owners: set[tuple[int, str]] = set()
+    for path, tensor in named(remove_duplicate=False):
+        prefix, _, attribute = path.rpartition(".")
+        owner = (id(module.get_submodule(prefix)), attribute)
+        if owner not in owners:
+            owners.add(owner)
+            paths.setdefault(first.setdefault(id(tensor), path), []).append(path)
+    return paths
 
 
 @contextmanager

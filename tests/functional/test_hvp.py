@@ -1,3 +1,4 @@
+import copy
 import warnings
 
 import pytest
@@ -7,7 +8,7 @@ from torch import nn
 
 from lightning_lip.functional.hvp import flatten, hvp_operator, trainable_parameters, unflatten
 from lightning_lip.functional.lanczos import lanczos
-from tests.models import OldStyleReLU, TinyTransformer, cnn, mlp
+from tests.models import Aliased, OldStyleReLU, TinyTransformer, cnn, mlp
 from tests.reference import dense_hessian
 
 
@@ -101,6 +102,21 @@ def test_train_mode_batchnorm_buffers_untouched():
     assert all(p.grad is None for p in net.parameters())
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("split", [[8, 12], [20]], ids=["two-batches", "one-batch-graph-kept"])
+def test_a_module_registered_under_two_names_keeps_its_own_tensors(split):
+    """``functional_call`` swapped the attributes of a module reached by two names twice, and left the swapped-in
+    tensors in it: leaves in place of its parameters, a buffer's copy in place of a BatchNorm's statistics."""
+    net = Aliased().double().eval()
+    before = {**dict(net.named_parameters(remove_duplicate=False)), **dict(net.named_buffers(remove_duplicate=False))}
+    x, y = torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,))
+    H = dense_hessian(copy.deepcopy(net), F.cross_entropy, x, y)  # the reference's functional_call leaves them too
+    hvp = hvp_operator(net, ce, split_batch(x, y, split), batch_sizes=split)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    torch.testing.assert_close(hvp(v), H @ v, rtol=1e-10, atol=1e-12)
+    after = {**dict(net.named_parameters(remove_duplicate=False)), **dict(net.named_buffers(remove_duplicate=False))}
+    assert after.keys() == before.keys() and all(t is before[name] for name, t in after.items())
 
 
 class _ClampNoJvp(torch.autograd.Function):

@@ -8,7 +8,7 @@ from torch.nn.utils.parametrizations import weight_norm
 
 from lightning_lip.functional._stateless import rnn_decompositions
 from lightning_lip.functional.per_sample import per_sample_grads
-from tests.models import TinyRNN, TinyTransformer, cnn, mlp
+from tests.models import Aliased, TinyRNN, TinyTransformer, cnn, mlp
 
 
 def ce(module, batch):
@@ -36,6 +36,27 @@ CASES = {
     "RNN-2-layers-bidirectional": (lambda: TinyRNN("RNN", num_layers=2, bidirectional=True), (5, 8)),
     "weight_norm": (lambda: nn.Sequential(weight_norm(nn.Conv2d(2, 3, 3)), nn.Flatten(), nn.Linear(108, 3)), (2, 8, 8)),
 }
+
+
+def _tensors(module):
+    return {
+        **dict(module.named_parameters(remove_duplicate=False)),
+        **dict(module.named_buffers(remove_duplicate=False)),
+    }
+
+
+@pytest.mark.parametrize("autograd", [False, True])
+def test_a_module_registered_under_two_names_keeps_its_own_tensors(autograd):
+    """``functional_call`` swapped the attributes of a module reached by two names twice, and left the swapped-in
+    tensors in it (``vmap``'s wrappers in place of the parameters: the run crashed at the end of fit)."""
+    module = Aliased().double().eval()
+    before = _tensors(module)
+    x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
+    got = per_sample_grads(module, ce, (x, y), autograd=autograd)
+    assert all(t is before[name] for name, t in _tensors(module).items())
+    expected = loop_grads(module, (x, y))
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-10)
 
 
 @pytest.mark.parametrize("case", list(CASES))
