@@ -112,8 +112,8 @@ class GradientNoiseEstimator(Callback):
         predict: compare the next step's observed change with its prediction (z-scores).
 
     Raises:
-        ValueError: if an argument is out of range or ``layers`` names a module the model lacks, or at setup if the
-            module optimizes manually without ``lip_loss``.
+        ValueError: if an argument is out of range, at setup if the module optimizes manually without
+            ``lip_loss``, or at the start of fit if ``layers`` names a module the model lacks.
 
     Example::
 
@@ -203,16 +203,6 @@ class GradientNoiseEstimator(Callback):
             return
         self._module.bind(pl_module, self._start_afresh)
         check_loss_source(pl_module, type(self).__name__)
-        modules = dict(pl_module.named_modules())
-        if self.layers is not None:
-            absent = [n for n in self.layers if n not in modules or not hasattr(modules[n], "weight")]
-            if absent:
-                raise ValueError(f"`layers` names modules the model does not have (or without weight): {absent}.")
-            self._layers = {n: modules[n] for n in self.layers}
-        else:
-            self._layers = {n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES) and _trained(m)}
-        self._warn_computed()
-        self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
         if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:
             self._warn(
                 "clipping",
@@ -220,6 +210,20 @@ class GradientNoiseEstimator(Callback):
                 f"`gradient_clip_algorithm`); {type(pl_module).__name__} overrides `configure_gradient_clipping`, "
                 "and what it does differently is not in the prediction.",
             )
+
+    def _attach(self, pl_module: LightningModule) -> None:
+        """Find the layers and record their shapes: at the start of fit, after ``configure_model`` (which may create
+        them). Frozen layers too: a layer unfrozen later (``BackboneFinetuning``) gets dynamics from then on."""
+        modules = dict(pl_module.named_modules())
+        if self.layers is not None:
+            absent = [n for n in self.layers if n not in modules or not hasattr(modules[n], "weight")]
+            if absent:
+                raise ValueError(f"`layers` names modules the model does not have (or without weight): {absent}.")
+            self._layers = {n: modules[n] for n in self.layers}
+        else:
+            self._layers = {n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES)}
+        self._warn_computed()
+        self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
 
     def _warn_computed(self) -> None:
         """Warn once about the layers without dynamics (again where more join them, as pruning during fit does)."""
@@ -234,6 +238,7 @@ class GradientNoiseEstimator(Callback):
 
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(pl_module)
         self._registry = LipRegistry.of(trainer)
         self._stepped = None
         write_tensorboard_layout(trainer)
@@ -565,11 +570,6 @@ class GradientNoiseEstimator(Callback):
 def _own_weight(layer: nn.Module) -> bool:
     """Whether the optimizer steps ``layer.weight`` itself (a parameter, not computed from others)."""
     return isinstance(layer.weight, nn.Parameter) and not nn.utils.parametrize.is_parametrized(layer, "weight")
-
-
-def _trained(layer: nn.Module) -> bool:
-    """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
-    return layer.weight.requires_grad if _own_weight(layer) else any(p.requires_grad for p in layer.parameters())
 
 
 def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> dict[int, GradientMap]:

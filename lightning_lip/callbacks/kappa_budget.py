@@ -112,8 +112,8 @@ class KappaBudgetProjection(Callback):
         log_per_layer: log :math:`\sigma_l` and :math:`\kappa_l` of every layer.
 
     Raises:
-        ValueError: if an argument is out of range, or at setup if ``layers`` or ``kappas`` name layers that the
-            model does not have or that are not supported.
+        ValueError: if an argument is out of range, or at the start of fit if ``layers`` or ``kappas`` name layers
+            that the model does not have or that are not supported.
 
     Example::
 
@@ -211,9 +211,19 @@ class KappaBudgetProjection(Callback):
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage != "fit":
-            return
-        self._module.bind(pl_module, self._start_afresh)
+        if stage == "fit":
+            self._module.bind(pl_module, self._start_afresh)
+
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._attach(pl_module)
+        write_tensorboard_layout(trainer)
+        for optimizer in trainer.optimizers:
+            self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
+
+    def _attach(self, pl_module: LightningModule) -> None:
+        """Find the layers and record their shapes: at the start of fit, after ``configure_model`` (which may create
+        them)."""
         self._layers, excluded = self._find_layers(pl_module)
         if excluded:
             message = (
@@ -270,12 +280,6 @@ class KappaBudgetProjection(Callback):
             if missing:
                 raise ValueError(f"`kappas` has no budget for the projected layers {missing}.")
         return covered, excluded
-
-    @override
-    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        write_tensorboard_layout(trainer)
-        for optimizer in trainer.optimizers:
-            self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
 
     def _on_optimizer_step(self, trainer: Trainer, optimizer: Any, args: Any, kwargs: Any) -> None:
         # A step post-hook fires only for real steps: not on accumulation micro-batches, not when AMP skips a step.

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelPruning
+from lightning.pytorch.callbacks import BackboneFinetuning, ModelPruning
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -280,6 +280,32 @@ def test_layers_pruned_during_fit_lose_their_dynamics_with_one_warning(tmp_path,
     assert not [k for k in noise.last if "/drift/" in k]
 
 
+def test_a_layer_unfrozen_during_fit_gets_dynamics_from_then_on(tmp_path):
+    """``BackboneFinetuning`` freezes the backbone at setup and unfreezes it at epoch 1: its layer has dynamics from
+    then on (it was left out for the whole run where frozen when the callback found its layers)."""
+
+    class DriftLayers(GradientNoiseEstimator):
+        seen = []
+
+        def measure(self, *args):
+            metrics = super().measure(*args)
+            self.seen.append(sorted(k.split("/")[-1] for k in metrics if "/drift/" in k))
+            return metrics
+
+    class Finetuned(Classifier):
+        def __init__(self):
+            super().__init__(mlp())
+            self.backbone = self.net[0]
+
+        def configure_optimizers(self):
+            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+    noise = DriftLayers(every_n_steps=2)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
+    fit(tmp_path, Finetuned(), random_data(64), [finetuning, noise], max_epochs=2)
+    assert noise.seen == [["net.2", "net.4"]] * 2 + [["net.0", "net.2", "net.4"]] * 2
+
+
 def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     class AdamPartly(Classifier):
         def __init__(self):
@@ -298,7 +324,9 @@ def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
 
     noise = Record(every_n_steps=2)
     fit(tmp_path, AdamPartly(), random_data(64), [noise], max_epochs=2, accumulate_grad_batches=2)
-    assert noise.n_runs == 2 and set(noise._layers) == {"net.2", "net.4"}
+    assert noise.n_runs == 2 and {k for k in noise.last if "/drift/" in k} == {
+        f"lip/noise/drift/net.{i}" for i in (2, 4)
+    }
     assert math.isfinite(noise.last["lip/noise/log_lipschitz_drift"])
     assert noise.step_batches == [pytest.approx(32 * 63 / (64 - 32))] * 2  # accumulated batch, without replacement
 

@@ -399,7 +399,7 @@ def test_bad_arguments_raise(kwargs, match):
         (dict(policy="fixed", kappas={"net.0": 1.0}), "kappas.*no budget"),
     ],
 )
-def test_setup_rejects_absent_layers(tmp_path, kwargs, match):
+def test_fit_rejects_absent_layers(tmp_path, kwargs, match):
     proj = KappaBudgetProjection(max_lipschitz=1.0, **kwargs)
     with pytest.raises(ValueError, match=match):
         Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(Classifier(mlp()), loader(random_data(16)))
