@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 
 SCRIPTS = Path(__file__).parent / "scripts"
 
@@ -47,8 +48,17 @@ def ddp_trainer_kwargs(**overrides) -> dict:
 
 
 def save_rank(trainer, out: str, result: dict) -> None:
-    """Write this rank's ``result`` for :func:`run_ddp`, then destroy the process group: Lightning leaves a gloo
-    group to the interpreter's exit, where its worker threads can abort the process ("terminate called without an
-    active exception", in about one run in six here; pytorch/pytorch#190489)."""
+    """Write this rank's ``result`` for :func:`run_ddp`, then destroy the process group (see
+    :class:`DestroyProcessGroup`)."""
     torch.save(result, f"{out}/rank{trainer.global_rank}.pt")
     torch.distributed.destroy_process_group()
+
+
+class DestroyProcessGroup(Callback):
+    """Destroys the process group when ``fit`` ends (its teardown hook is the last): Lightning leaves a gloo group
+    to the interpreter's exit, where its worker threads can abort the process ("terminate called without an active
+    exception", in about one run in six here; pytorch/pytorch#190489). For ``ddp_spawn``/``ddp_fork`` workers."""
+
+    def teardown(self, trainer, pl_module, stage):
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()

@@ -24,6 +24,7 @@ from lightning_lip import (
     LipRegistry,
 )
 from lightning_lip.callbacks._common import measurement_mode
+from tests.ddp import DestroyProcessGroup
 from tests.models import (
     Classifier,
     Encoding,
@@ -704,7 +705,8 @@ def test_ddp_spawn_pickles_the_callbacks_and_trains_as_ddp_fork(tmp_path):
     def weights(strategy):
         torch.manual_seed(0)
         model = Classifier(cnn(), lr=2.0, momentum=0.5)
-        trainer = Trainer(callbacks=four(), **trainer_kwargs(tmp_path, devices=2, strategy=strategy, max_epochs=2))
+        callbacks = [*four(), DestroyProcessGroup()]
+        trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, devices=2, strategy=strategy, max_epochs=2))
         trainer.fit(model, loader(random_data(64, (1, 8, 8)), batch_size=8))
         return model.state_dict()
 
