@@ -569,7 +569,7 @@ class GradientNoiseEstimator(Callback):
 
 def _own_weight(layer: nn.Module) -> bool:
     """Whether the optimizer steps ``layer.weight`` itself (a parameter, not computed from others)."""
-    return isinstance(layer.weight, nn.Parameter) and not nn.utils.parametrize.is_parametrized(layer, "weight")
+    return not nn.utils.parametrize.is_parametrized(layer, "weight") and isinstance(layer.weight, nn.Parameter)
 
 
 def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> dict[int, GradientMap]:
