@@ -405,11 +405,23 @@ def test_fit_rejects_absent_layers(tmp_path, kwargs, match):
         Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(Classifier(mlp()), loader(random_data(16)))
 
 
-def test_fixed_policy_and_layer_subset(tmp_path):
+class BuiltInConfigureModel(Classifier):
+    """Creates its network in ``configure_model``, which Lightning calls after the callbacks' ``setup``."""
+
+    def __init__(self):
+        super().__init__(None, lr=0.5)
+
+    def configure_model(self):
+        self.net = self.net or mlp()
+
+
+@pytest.mark.parametrize("make", [lambda: Classifier(mlp(), lr=0.5), BuiltInConfigureModel], ids=["init", "configure"])
+def test_fixed_policy_and_layer_subset(tmp_path, make):
+    """Also for layers created in ``configure_model`` (naming them raised a ValueError at setup)."""
     proj = KappaBudgetProjection(
         max_lipschitz=1.0, policy="fixed", kappas={"net.0": 0.5, "net.4": 2.0}, layers=["net.0", "net.4"]
     )
-    model = Classifier(mlp(), lr=0.5)
+    model = make()
     with pytest.warns(UserWarning, match=r"does not project 1 layer.*net.2 \(Linear\)"):
         Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
     assert dense_operator_norm(model.net[0]) <= 0.5 * (1 + 1e-3)
