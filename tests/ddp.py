@@ -57,7 +57,8 @@ def save_rank(trainer, out: str, result: dict) -> None:
 class DestroyProcessGroup(Callback):
     """Destroys the process group when ``fit`` ends (its teardown hook is the last): Lightning leaves a gloo group
     to the interpreter's exit, where its worker threads can abort the process ("terminate called without an active
-    exception", in about one run in six here; pytorch/pytorch#190489). For ``ddp_spawn``/``ddp_fork`` workers."""
+    exception", in one run in six to four in ten here; pytorch/pytorch#190489). For ``ddp_spawn``/``ddp_fork``
+    workers."""
 
     def teardown(self, trainer, pl_module, stage):
         if torch.distributed.is_initialized():

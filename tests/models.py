@@ -158,6 +158,20 @@ class NoisyInputs:
         return super().training_step((x + random.uniform(0.05, 0.1) * torch.randn_like(x), y), batch_idx)
 
 
+class BuiltInConfigureModel(Classifier):
+    """A ``Classifier`` whose network ``make()`` creates in ``configure_model`` (seeded with 0), which Lightning
+    calls after the callbacks' ``setup``."""
+
+    def __init__(self, make, **kwargs) -> None:
+        super().__init__(None, **kwargs)
+        self.make = make
+
+    def configure_model(self) -> None:
+        if self.net is None:
+            torch.manual_seed(0)
+            self.net = self.make()
+
+
 def random_data(n: int = 64, shape: tuple[int, ...] = (16,), classes: int = 4, seed: int = 0) -> TensorDataset:
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, *shape, generator=g)

@@ -26,6 +26,7 @@ from lightning_lip import (
 from lightning_lip.callbacks._common import measurement_mode
 from tests.ddp import DestroyProcessGroup
 from tests.models import (
+    BuiltInConfigureModel,
     Classifier,
     Encoding,
     OldStyleReLU,
@@ -296,25 +297,13 @@ def test_lazy_modules(tmp_path):
     assert dense_operator_norm(model.net[0], (1, 8, 8)) * dense_operator_norm(model.net[2]) <= 3.0 * 1.01
 
 
-class BuiltInConfigureModel(Unwrapping):
-    """Creates its network in ``configure_model``, which Lightning calls after the callbacks' ``setup``."""
-
-    def __init__(self):
-        super().__init__(None, lr=2.0, momentum=0.5)
-
-    def configure_model(self):
-        if self.net is None:
-            torch.manual_seed(0)
-            self.net = cnn()
-
-
 def test_a_network_created_in_configure_model(tmp_path, recwarn):
     """Every callback takes the decisions it takes on the same network created in ``__init__``: the projection and
     the dynamics find their layers at the start of fit (at ``setup`` there were none: the projection was inert and
     no layer had dynamics)."""
     eager, lazy = four(), four()
     expected = summary(*run(tmp_path, eager), eager)
-    got = summary(*run(tmp_path, lazy, model=BuiltInConfigureModel()), lazy)
+    got = summary(*run(tmp_path, lazy, model=BuiltInConfigureModel(cnn, lr=2.0, momentum=0.5)), lazy)
     assert_same(got, expected)
     assert set(got["sigmas"]) == {"net.0", "net.2", "net.5"} and any("/drift/net.0" in k for k in got["noise"])
     assert not [w for w in recwarn if "inert" in str(w.message)]

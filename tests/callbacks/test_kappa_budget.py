@@ -12,7 +12,17 @@ from torch.nn.utils import prune
 from lightning_lip import KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import LayerShapes
 from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, random_start
-from tests.models import Classifier, cnn, conv1d, loader, mlp, random_data, sequences, trainer_kwargs
+from tests.models import (
+    BuiltInConfigureModel,
+    Classifier,
+    cnn,
+    conv1d,
+    loader,
+    mlp,
+    random_data,
+    sequences,
+    trainer_kwargs,
+)
 from tests.reference import dense_operator_norm, input_jacobian_norms
 
 
@@ -405,17 +415,9 @@ def test_fit_rejects_absent_layers(tmp_path, kwargs, match):
         Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(Classifier(mlp()), loader(random_data(16)))
 
 
-class BuiltInConfigureModel(Classifier):
-    """Creates its network in ``configure_model``, which Lightning calls after the callbacks' ``setup``."""
-
-    def __init__(self):
-        super().__init__(None, lr=0.5)
-
-    def configure_model(self):
-        self.net = self.net or mlp()
-
-
-@pytest.mark.parametrize("make", [lambda: Classifier(mlp(), lr=0.5), BuiltInConfigureModel], ids=["init", "configure"])
+@pytest.mark.parametrize(
+    "make", [lambda: Classifier(mlp(), lr=0.5), lambda: BuiltInConfigureModel(mlp, lr=0.5)], ids=["init", "configure"]
+)
 def test_fixed_policy_and_layer_subset(tmp_path, make):
     """Also for layers created in ``configure_model`` (naming them raised a ValueError at setup)."""
     proj = KappaBudgetProjection(
