@@ -437,8 +437,8 @@ class KappaBudgetProjection(Callback):
     @property
     def bound(self) -> float:
         r"""Product :math:`\prod_l \sigma_l` of the layer norms after the last projection: a bound of the network's
-        Lipschitz constant where the network chains the layers with 1-Lipschitz maps between them (not across a
-        residual connection or parallel branches)."""
+        Lipschitz constant where the network chains the layers with 1-Lipschitz maps between them, each applied once
+        (not across a residual connection or parallel branches)."""
         return math.prod(self._sigmas.values())
 
     @property
