@@ -56,6 +56,16 @@ log = logging.getLogger(__name__)
 _REFINE_NOISE = 1e-3  # relative noise in a refinement's start vector, see KappaBudgetProjection._measure
 _END_TOL = 1e-3  # relative change of a layer's norm since the last projection that the end of fit corrects
 _NORM_LAYERS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm)
+#: Lipschitz constants above 1 of parameter-free modules (their largest slope; LogSoftmax's at a one-hot output)
+_GAINS = {
+    nn.GELU: "1.13",
+    nn.SiLU: "1.10",
+    nn.Mish: "1.09",
+    nn.Hardswish: "1.5",
+    nn.SELU: "1.76",
+    nn.LogSoftmax: "up to the square root of its size",
+    nn.Upsample: "up to the square root of the upsampling factor",
+}
 
 
 class KappaBudgetProjection(Callback):
@@ -270,6 +280,8 @@ class KappaBudgetProjection(Callback):
                 excluded.append(f"{name} ({type(module).__name__})")
             elif isinstance(module, _NORM_LAYERS):
                 excluded.append(f"{name} ({type(module).__name__})")
+            elif (gain := _gain_above_one(module)) is not None:
+                excluded.append(f"{name} ({type(module).__name__}: Lipschitz constant {gain})")
         if self.kappas is not None:
             unknown = sorted(set(self.kappas) - set(covered))
             if unknown:
@@ -541,6 +553,14 @@ def _autocast_off(device_type: str) -> AbstractContextManager[Any]:
     """Autocast off on ``device_type`` (an optimizer stepped inside an autocast region, as manual optimization can);
     a no-op, much cheaper to enter, when it is off already."""
     return torch.autocast(device_type, enabled=False) if torch.is_autocast_enabled(device_type) else nullcontext()
+
+
+def _gain_above_one(module: nn.Module) -> str | None:
+    """The Lipschitz constant of a parameter-free module where it exceeds 1, else ``None`` (``ReLU``, ``Tanh``,
+    pooling, ...)."""
+    if isinstance(module, nn.ELU):
+        return f"{module.alpha:g}" if module.alpha > 1 else None
+    return next((gain for kind, gain in _GAINS.items() if isinstance(module, kind)), None)
 
 
 def _weight_parameters(layer: nn.Module) -> list[Tensor]:

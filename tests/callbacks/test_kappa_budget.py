@@ -11,6 +11,7 @@ from torch.nn.utils import prune
 
 from lightning_lip import KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import LayerShapes
+from lightning_lip.callbacks.kappa_budget import _gain_above_one
 from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, random_start
 from tests.models import (
     BuiltInConfigureModel,
@@ -432,14 +433,22 @@ def test_fixed_policy_and_layer_subset(tmp_path, make):
 
 
 class Uncertifiable(Classifier):
+    """Layers the bound cannot certify (an embedding, a LayerNorm, activations steeper than 1: GELU, ELU with
+    ``alpha=2``) next to 1-Lipschitz ones that are not listed (ReLU, ELU with ``alpha=0.5``), and tied weights."""
+
     def __init__(self):
-        super().__init__(nn.Sequential(nn.Embedding(10, 8), nn.LayerNorm(8), nn.Flatten(), nn.Linear(16, 4)))
+        super().__init__(
+            nn.Sequential(
+                nn.Embedding(10, 8), nn.LayerNorm(8), nn.GELU(), nn.ELU(2.0), nn.Flatten(), nn.Linear(16, 4), nn.ReLU()
+            )
+        )
         self.tied_a = nn.Linear(4, 4)
         self.tied_b = nn.Linear(4, 4)
         self.tied_b.weight = self.tied_a.weight
+        self.act = nn.ELU(0.5)
 
     def training_step(self, batch, batch_idx):
-        logits = self.tied_b(self.tied_a(self.net(batch[0])))
+        logits = self.tied_b(self.act(self.tied_a(self.net(batch[0]))))
         return torch.nn.functional.cross_entropy(logits, batch[1])
 
 
@@ -449,10 +458,33 @@ def test_uncertified_layers_warned_once_and_tied_weights_projected_once(tmp_path
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, max_epochs=2)).fit(Uncertifiable(), loader(data))
-    mine = [w for w in caught if "does not project" in str(w.message)]
-    assert len(mine) == 1
-    assert "net.0 (Embedding)" in str(mine[0].message) and "net.1 (LayerNorm)" in str(mine[0].message)
-    assert set(proj.sigmas) == {"net.3", "tied_a"}
+    mine = [str(w.message) for w in caught if "does not project" in str(w.message)]
+    assert len(mine) == 1 and "does not project 4 layer(s)" in mine[0]
+    listed = ["net.0 (Embedding)", "net.1 (LayerNorm)", "net.2 (GELU: Lipschitz constant 1.13)", "net.3 (ELU: "]
+    assert all(entry in mine[0] for entry in listed) and "ReLU" not in mine[0] and "act" not in mine[0]
+    assert set(proj.sigmas) == {"net.5", "tied_a"}
+
+
+@pytest.mark.parametrize("module", [nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Mish(), nn.Hardswish(), nn.SELU()])
+def test_listed_lipschitz_constants_are_the_largest_slopes(module):
+    """Against autograd's slope on a fine grid (step 1e-5, where the slopes vary by less than 1e-5)."""
+    x = torch.linspace(-10, 10, 2_000_001, dtype=torch.float64, requires_grad=True)
+    (slope,) = torch.autograd.grad(module(x).sum(), x)
+    listed = float(_gain_above_one(module))
+    assert slope.abs().max().item() == pytest.approx(listed, abs=5e-3)  # rounded to two decimals where listed
+
+
+def test_listed_gains_of_upsampling_and_log_softmax_are_reached():
+    """Nearest and bilinear upsampling by 2 in two dimensions: gain 2, the square root of the factor 4; log-softmax
+    of 10 classes at a one-hot output: the square root of 10 (dense Jacobians)."""
+    for mode in ("nearest", "bilinear"):
+        up = nn.Upsample(scale_factor=2, mode=mode)
+        jac = torch.autograd.functional.jacobian(lambda z: up(z.view(1, 1, 6, 6)).flatten(), torch.rand(36).double())
+        assert torch.linalg.matrix_norm(jac, 2).item() == pytest.approx(2.0, rel=1e-9)
+    logits = torch.tensor([40.0] + [0.0] * 9, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(nn.LogSoftmax(dim=0), logits)
+    assert torch.linalg.matrix_norm(jac, 2).item() == pytest.approx(10**0.5, rel=1e-9)
+    assert "square root" in _gain_above_one(up) and "square root" in _gain_above_one(nn.LogSoftmax(dim=1))
 
 
 def test_model_without_covered_layers_warns_and_trains(tmp_path):
