@@ -297,13 +297,14 @@ class LayerShapes:
     def __init__(self) -> None:
         self.shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self.varied: set[str] = set()
-        self._handles: list[Any] = []
+        self._handles: dict[str, Any] = {}
 
     def attach(self, layers: dict[str, nn.Module]) -> None:
-        """Hook the convolutions; a ``Linear``'s operator needs no shape (and a hook would slow every forward)."""
+        """Hook the convolutions not hooked yet; a ``Linear``'s operator needs no shape (and a hook would slow every
+        forward)."""
         for name, layer in layers.items():
-            if not isinstance(layer, nn.Linear):
-                self._handles.append(layer.register_forward_hook(partial(self._record, name)))
+            if not isinstance(layer, nn.Linear) and name not in self._handles:
+                self._handles[name] = layer.register_forward_hook(partial(self._record, name))
 
     def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
         self.update(name, (sample_shape(module, args[0]), sample_shape(module, output)))
@@ -352,9 +353,9 @@ class LayerShapes:
         return layer_operator(layer, weight=weight) if isinstance(layer, nn.Linear) else None
 
     def remove(self) -> None:
-        for handle in self._handles:
+        for handle in self._handles.values():
             handle.remove()
-        self._handles = []
+        self._handles = {}
 
 
 def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:

@@ -223,7 +223,12 @@ class GradientNoiseEstimator(Callback):
         else:
             self._layers = {n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES)}
         self._warn_computed()
-        self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES)})
+        self._attach_trained()
+
+    def _attach_trained(self) -> None:
+        """Record the shapes of the trained convolutions, as they join, from the measurement that finds them trained
+        on (its per-sample forward passes run the hooks); a frozen one has no dynamics, and no hook slows it."""
+        self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES) and _trained(m)})
 
     def _warn_computed(self) -> None:
         """Warn once about the layers without dynamics (again where more join them, as pruning during fit does)."""
@@ -308,6 +313,7 @@ class GradientNoiseEstimator(Callback):
             self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
             return None
         self._warn_computed()
+        self._attach_trained()
         sizes = leading_sizes(batch)
         if len(sizes) > 1:
             self._warn(
@@ -570,6 +576,11 @@ class GradientNoiseEstimator(Callback):
 def _own_weight(layer: nn.Module) -> bool:
     """Whether the optimizer steps ``layer.weight`` itself (a parameter, not computed from others)."""
     return not nn.utils.parametrize.is_parametrized(layer, "weight") and isinstance(layer.weight, nn.Parameter)
+
+
+def _trained(layer: nn.Module) -> bool:
+    """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
+    return layer.weight.requires_grad if _own_weight(layer) else any(p.requires_grad for p in layer.parameters())
 
 
 def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> dict[int, GradientMap]:

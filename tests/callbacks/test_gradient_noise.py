@@ -280,30 +280,37 @@ def test_layers_pruned_during_fit_lose_their_dynamics_with_one_warning(tmp_path,
     assert not [k for k in noise.last if "/drift/" in k]
 
 
-def test_a_layer_unfrozen_during_fit_gets_dynamics_from_then_on(tmp_path):
+@pytest.mark.parametrize("backbone", ["linear", "conv"])
+def test_a_layer_unfrozen_during_fit_gets_dynamics_from_then_on(tmp_path, backbone):
     """``BackboneFinetuning`` freezes the backbone at setup and unfreezes it at epoch 1: its layer has dynamics from
-    then on (it was left out for the whole run where frozen when the callback found its layers)."""
+    then on (it was left out for the whole run where frozen when the callback found its layers). A convolution's
+    shape is recorded only while it is trained (no hook slows a frozen one): from the per-sample forward passes of
+    the measurement that finds it trained."""
 
     class DriftLayers(GradientNoiseEstimator):
-        seen = []
-
         def measure(self, *args):
             metrics = super().measure(*args)
-            self.seen.append(sorted(k.split("/")[-1] for k in metrics if "/drift/" in k))
+            self.seen.append((sorted(k.split("/")[-1] for k in metrics if "/drift/" in k), sorted(self._shapes.shapes)))
             return metrics
 
     class Finetuned(Classifier):
         def __init__(self):
-            super().__init__(mlp())
+            super().__init__(mlp() if backbone == "linear" else cnn())
             self.backbone = self.net[0]
 
         def configure_optimizers(self):
             return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
 
     noise = DriftLayers(every_n_steps=2)
+    noise.seen = []
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
-    fit(tmp_path, Finetuned(), random_data(64), [finetuning, noise], max_epochs=2)
-    assert noise.seen == [["net.2", "net.4"]] * 2 + [["net.0", "net.2", "net.4"]] * 2
+    data = random_data(64, (16,) if backbone == "linear" else (1, 8, 8))
+    fit(tmp_path, Finetuned(), data, [finetuning, noise], max_epochs=2)
+    if backbone == "linear":
+        assert [drift for drift, _ in noise.seen] == [["net.2", "net.4"]] * 2 + [["net.0", "net.2", "net.4"]] * 2
+    else:
+        assert [drift for drift, _ in noise.seen] == [["net.2", "net.5"]] * 2 + [["net.0", "net.2", "net.5"]] * 2
+        assert [shapes for _, shapes in noise.seen] == [["net.2"]] * 2 + [["net.0", "net.2"]] * 2
 
 
 def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
