@@ -117,7 +117,7 @@ class OldStyleReLU(nn.Module):
 
 class Classifier(LightningModule):
     """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional), or the optimizer that
-    ``optimizer(parameters)`` makes."""
+    ``optimizer(parameters)`` makes, over the parameters that require grad."""
 
     def __init__(self, net: nn.Module, lr: float = 0.1, momentum: float = 0.0, optimizer=None) -> None:
         super().__init__()
@@ -136,9 +136,19 @@ class Classifier(LightningModule):
         return loss
 
     def configure_optimizers(self):
+        params = [p for p in self.parameters() if p.requires_grad]
         if self.make_optimizer is not None:
-            return self.make_optimizer(self.parameters())
-        return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=self.momentum)
+            return self.make_optimizer(params)
+        return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+
+class Finetuned(Classifier):
+    """``backbone`` is ``net[0]``, as ``BackboneFinetuning`` asks: it freezes it at setup and adds it to the optimizer
+    as a param group when it unfreezes it."""
+
+    def __init__(self, net: nn.Module, **kwargs) -> None:
+        super().__init__(net, **kwargs)
+        self.backbone = self.net[0]
 
 
 class Encoding(UserDict):

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import TimeBudget
-from tests.models import Classifier, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, Finetuned, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_operator_norm
 
 
@@ -293,19 +293,11 @@ def test_a_layer_unfrozen_during_fit_gets_dynamics_from_then_on(tmp_path, backbo
             self.seen.append((sorted(k.split("/")[-1] for k in metrics if "/drift/" in k), sorted(self._shapes.shapes)))
             return metrics
 
-    class Finetuned(Classifier):
-        def __init__(self):
-            super().__init__(mlp() if backbone == "linear" else cnn())
-            self.backbone = self.net[0]
-
-        def configure_optimizers(self):
-            return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
-
     noise = DriftLayers(every_n_steps=2)
     noise.seen = []
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1)
     data = random_data(64, (16,) if backbone == "linear" else (1, 8, 8))
-    fit(tmp_path, Finetuned(), data, [finetuning, noise], max_epochs=2)
+    fit(tmp_path, Finetuned(mlp() if backbone == "linear" else cnn()), data, [finetuning, noise], max_epochs=2)
     if backbone == "linear":
         assert [drift for drift, _ in noise.seen] == [["net.2", "net.4"]] * 2 + [["net.0", "net.2", "net.4"]] * 2
     else:

@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
-from tests.models import Classifier, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, Finetuned, loader, mlp, random_data, trainer_kwargs
 
 
 def RecordingSGD(*args, **kwargs):  # noqa: N802
@@ -207,17 +207,6 @@ def test_multiple_param_groups_are_throttled_separately(tmp_path):
     assert [s.throttle for s in controller.states] == pytest.approx([1.0, 0.5])
 
 
-class Finetuned(Classifier):
-    """``BackboneFinetuning`` freezes ``backbone`` and adds it to the optimizer as a second param group later."""
-
-    def __init__(self):
-        super().__init__(mlp())
-        self.backbone = self.net[0]
-
-    def configure_optimizers(self):
-        return RecordingSGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
-
-
 def test_a_param_group_added_during_training_is_throttled_and_resumed(tmp_path):
     """``BackboneFinetuning`` adds the backbone's group at epoch 1 (step 4) at the head's rate: ratio 1.0, throttle 0.5,
     until the signal falls at step 6 and both recover. Resumed at step 8, where the controller's ``on_fit_start``
@@ -226,7 +215,7 @@ def test_a_param_group_added_during_training_is_throttled_and_resumed(tmp_path):
     def run(root, max_epochs, ckpt=None):
         controller = CurvatureLRController(mode="strict", margin=0.5)
         finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=1, backbone_initial_ratio_lr=1.0)
-        model = Finetuned()
+        model = Finetuned(mlp(), optimizer=lambda params: RecordingSGD(params, lr=0.1))
         signal = FixedSignal(lambda step: 20.0 if step < 6 else 2.0)
         trainer = fit(root, model, [signal, controller, finetuning], max_epochs=max_epochs, ckpt_path=ckpt)
         return trainer, controller, model.optimizers().optimizer.used
