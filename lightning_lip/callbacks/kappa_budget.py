@@ -328,8 +328,10 @@ class KappaBudgetProjection(Callback):
             if math.isfinite(sigma):
                 sigmas[name] = sigma
                 self._left_vectors[name], self._vectors[name] = triplet.u, triplet.v
-            else:
+            else:  # out of the bound, the logs and the warm start until it is finite again
                 self._n_skipped += 1
+                for state in (self._sigmas, self._vectors, self._left_vectors):
+                    state.pop(name, None)
                 self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
         fixed = {name for name in sigmas if self._is_fixed(name)}
         for name in fixed:
@@ -499,7 +501,8 @@ class KappaBudgetProjection(Callback):
         """Whether a layer's norm, measured tightly at the end of fit, is more than ``1e-3`` away from its norm after
         the last projection: its weights changed after the last step, as a weight average
         (``StochasticWeightAveraging``, ``WeightAveraging``) or pruning at the end of the last epoch
-        (``ModelPruning``) changes them, or the last estimate was off. Changes none of the callback's state."""
+        (``ModelPruning``) changes them, or the last estimate was off; or it is not finite (the projection then skips
+        that layer with a warning). Changes none of the callback's state."""
         generator = torch.Generator().manual_seed(0)
         changed = False
         for name, layer in self._layers.items():
@@ -508,7 +511,7 @@ class KappaBudgetProjection(Callback):
                 continue
             start = random_start(self._shapes.input_shape(name, layer), layer.weight, generator)
             sigma = lanczos_svd(operator, start, self.audit_max_iterations, self.audit_tol).sigma.item()
-            changed = changed or abs(sigma - self._sigmas[name]) > _END_TOL * self._sigmas[name]
+            changed = changed or not abs(sigma - self._sigmas[name]) <= _END_TOL * self._sigmas[name]  # NaN too
         return bool(trainer.strategy.broadcast(changed, src=0))
 
     @override

@@ -499,25 +499,41 @@ def test_model_without_covered_layers_warns_and_trains(tmp_path):
     assert proj.n_projections == 0
 
 
-def test_nonfinite_layer_is_skipped_and_nothing_nan_is_written(tmp_path):
+class NaNAfterStep(Callback):
+    """Puts a NaN into ``unused.weight`` after optimizer step ``step`` (0: before training)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.unused.weight[0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("step", [0, 2])
+def test_nonfinite_layer_is_skipped_and_nothing_nan_is_written(tmp_path, step):
+    """Also where the layer turns non-finite after it was measured (step 2): it leaves the bound and the per-layer
+    logs (its stale norm stayed in both, and logging it crashed the run with a KeyError)."""
+
     class TwoHeads(Classifier):
         def __init__(self):
             super().__init__(mlp())
             self.unused = nn.Linear(4, 4)
-            with torch.no_grad():
-                self.unused.weight[0, 0] = float("nan")
 
     model = TwoHeads()
     proj = KappaBudgetProjection(max_lipschitz=0.5)
     logger = CSVLogger(tmp_path)
     with pytest.warns(UserWarning, match="'unused' has non-finite weights"):
-        trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1))
+        trainer = Trainer(
+            callbacks=[proj, NaNAfterStep(step)], **trainer_kwargs(tmp_path, logger=logger, log_every_n_steps=1)
+        )
         trainer.fit(model, loader(random_data(64)))
     assert set(proj.sigmas) == {"net.0", "net.2", "net.4"}
     assert all(torch.isfinite(p).all() for n, p in model.named_parameters() if not n.startswith("unused"))
     assert torch.isnan(model.unused.weight).sum() == 1  # untouched: still exactly the one NaN the user put there
     assert math.isfinite(proj.bound) and proj.bound <= 0.5 * (1 + 1e-2)
-    assert trainer.logged_metrics["lip/kappa/n_skipped"].item() == 4
+    assert trainer.logged_metrics["lip/kappa/n_skipped"].item() == 4 - step
 
 
 @pytest.mark.parametrize("policy", ["proportional", "uniform"])
@@ -631,6 +647,22 @@ def test_pruned_layers_are_measured_and_projected_as_the_forward_pass_computes_t
     for dense, kappas, bound in norms.records:
         assert all(dense[name] <= kappas[name] * (1 + 1e-3) for name in dense)
         assert math.prod(dense.values()) <= 0.5 * (1 + 1e-2) and bound == pytest.approx(math.prod(dense.values()), 1e-2)
+
+
+def test_weights_made_non_finite_after_the_last_step_are_skipped_at_the_end_of_fit(tmp_path):
+    """The end of fit's measurement reads the non-finite layer (it compared false, so nothing ran), the projection
+    skips it with its warning and writes nothing; it leaves the bound."""
+
+    class Poison(Callback):
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                pl_module.net[0].weight.fill_(float("nan"))
+
+    model, proj = Classifier(cnn(), lr=0.1), KappaBudgetProjection(max_lipschitz=2.0)
+    with pytest.warns(UserWarning, match="'net.0' has non-finite weights: it is skipped"):
+        Trainer(callbacks=[proj, Poison()], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64, (1, 8, 8))))
+    assert proj.n_projections == 5 and set(proj.sigmas) == {"net.2", "net.5"} and math.isfinite(proj.bound)
+    assert model.net[0].weight.isnan().all() and all(torch.isfinite(model.net[i].weight).all() for i in (2, 5))
 
 
 def _weight_averaging():
