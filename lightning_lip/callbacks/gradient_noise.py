@@ -214,14 +214,14 @@ class GradientNoiseEstimator(Callback):
     def _attach(self, pl_module: LightningModule) -> None:
         """Find the layers and record their shapes: at the start of fit, after ``configure_model`` (which may create
         them). Frozen layers too: a layer unfrozen later (``BackboneFinetuning``) gets dynamics from then on."""
-        modules = dict(pl_module.named_modules())
+        modules = dict(pl_module.named_modules(remove_duplicate=False))  # every name of a module: aliases too
         if self.layers is not None:
             absent = [n for n in self.layers if n not in modules or not hasattr(modules[n], "weight")]
             if absent:
                 raise ValueError(f"`layers` names modules the model does not have (or without weight): {absent}.")
             self._layers = {n: modules[n] for n in self.layers}
         else:
-            self._layers = {n: m for n, m in modules.items() if isinstance(m, _DYNAMICS_TYPES)}
+            self._layers = {n: m for n, m in pl_module.named_modules() if isinstance(m, _DYNAMICS_TYPES)}
         self._warn_computed()
         self._attach_trained()
 
@@ -350,21 +350,21 @@ class GradientNoiseEstimator(Callback):
             "lip/noise/n_skipped": float(self.n_skipped),
         }
         metrics |= {f"lip/noise/eigenvalue_{i + 1}": mu.item() for i, mu in enumerate(stats.top_eigenvalues)}
+        # a layer's parameters by identity: a layer named by an alias, a parametrization's originals, tied weights
+        names = {id(p): n for n, p in pl_module.named_parameters()}
         for layer_name, layer in self._layers.items():
-            keys = [f"{layer_name}.{p}" for p, _ in layer.named_parameters()]  # a parametrization's originals too
-            parts = [per_param[key] for key in keys if key in per_param]
+            parts = [per_param[key] for p in layer.parameters() if (key := names[id(p)]) in per_param]
             if parts:
                 signal = sum(m.square().sum() for m, _ in parts)
                 noise = sum(o.square().sum() for _, o in parts) / ((flat.shape[0] - 1) * flat.shape[0])
                 metrics[f"lip/noise/snr/{layer_name}"] = (signal / noise).item()
-        shapes = dict(pl_module.named_parameters())
-        weights = {
-            name: (m.view_as(shapes[key]), o.reshape(-1, *shapes[key].shape))
-            for name, layer in self._layers.items()
-            if isinstance(layer, _DYNAMICS_TYPES) and (key := f"{name}.weight") in per_param
-            for m, o in [per_param[key]]
-            if isinstance(layer, nn.Linear) or name in self._shapes.shapes
-        }
+        weights, seen = {}, set()
+        for name, layer in self._layers.items():
+            key = names[id(layer.weight)] if isinstance(layer, _DYNAMICS_TYPES) and _own_weight(layer) else None
+            if key in per_param and key not in seen and (isinstance(layer, nn.Linear) or name in self._shapes.shapes):
+                seen.add(key)  # a tied weight once
+                m, o = per_param[key]
+                weights[name] = m.view_as(layer.weight), o.reshape(-1, *layer.weight.shape)
         registry = LipRegistry.of(trainer)
         step = trainer.global_step
         for key, value in (("trace", stats.trace), ("grad_norm_sq", stats.grad_norm_sq), ("scale", stats.scale)):

@@ -249,7 +249,7 @@ class KappaBudgetProjection(Callback):
 
     def _find_layers(self, pl_module: LightningModule) -> tuple[dict[str, nn.Module], list[str]]:
         """Covered layers (tied weights once) and descriptions of those left out."""
-        modules = dict(pl_module.named_modules())
+        modules = dict(pl_module.named_modules(remove_duplicate=False))  # every name of a module: aliases too
         if self.layers is not None:
             absent = [n for n in self.layers if n not in modules]
             if absent:
@@ -259,11 +259,13 @@ class KappaBudgetProjection(Callback):
                 raise ValueError(
                     f"`layers` names unsupported modules (not Linear/ConvNd/ConvTransposeNd): {unsupported}."
                 )
-        wanted = set(self.layers) if self.layers is not None else None
+        named = self.layers if self.layers is not None else (self.kappas or {})
+        given = {id(modules[n]): n for n in named if n in modules}  # the user's name of a module, maybe an alias
         covered: dict[str, nn.Module] = {}
         excluded: list[str] = []
         weights: set[int] = set()
-        for name, module in modules.items():
+        for name, module in pl_module.named_modules():
+            name = given.get(id(module), name)
             if isinstance(module, parametrize.ParametrizationList):
                 continue  # the parameters of a parametrized weight: its layer is covered (or listed)
             if is_supported(module) and not _weight_is_stored(module):
@@ -272,7 +274,7 @@ class KappaBudgetProjection(Callback):
                     "torch.nn.utils.weight_norm; torch.nn.utils.parametrizations.weight_norm and torch.nn.utils.prune "
                     "are supported)"
                 )
-            elif is_supported(module) and (wanted is None or name in wanted):
+            elif is_supported(module) and (self.layers is None or id(module) in given):
                 if _weight_source(module) not in weights:
                     weights.add(_weight_source(module))
                     covered[name] = module

@@ -305,6 +305,20 @@ def test_a_layer_unfrozen_during_fit_gets_dynamics_from_then_on(tmp_path, backbo
         assert [shapes for _, shapes in noise.seen] == [["net.2"]] * 2 + [["net.0", "net.2"]] * 2
 
 
+def test_layers_may_name_a_layer_by_an_alias(tmp_path):
+    """``backbone`` is ``net.0`` (``self.backbone = self.net[0]``, as ``BackboneFinetuning`` asks): naming it so
+    raised "module not found"; it has the SNR and dynamics of ``net.0``, logged under the name given."""
+    runs = {}
+    for first in ("net.0", "backbone"):
+        torch.manual_seed(0)
+        noise = GradientNoiseEstimator(every_n_steps=2, layers=[first, "net.4"])
+        fit(tmp_path, Finetuned(mlp()), random_data(64, (16,)), [noise], max_steps=4)
+        runs[first] = {k.replace(first, "first"): v for k, v in noise.last.items() if "/drift/" in k or "/snr/" in k}
+    names = [f"lip/noise/{kind}/{layer}" for kind in ("drift", "snr") for layer in ("first", "net.4")]
+    assert sorted(runs["backbone"]) == sorted(names)
+    assert runs["backbone"] == runs["net.0"]
+
+
 def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     class AdamPartly(Classifier):
         def __init__(self):

@@ -16,6 +16,7 @@ from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, ran
 from tests.models import (
     BuiltInConfigureModel,
     Classifier,
+    Finetuned,
     cnn,
     conv1d,
     loader,
@@ -430,6 +431,19 @@ def test_fixed_policy_and_layer_subset(tmp_path, make):
     assert dense_operator_norm(model.net[0]) <= 0.5 * (1 + 1e-3)
     assert dense_operator_norm(model.net[4]) <= 2.0 * (1 + 1e-3)
     assert set(proj.sigmas) == {"net.0", "net.4"}
+
+
+@pytest.mark.parametrize("layers", [None, ["backbone", "net.4"]], ids=["kappas", "layers"])
+def test_layers_and_kappas_may_name_a_layer_by_an_alias(tmp_path, layers):
+    """``backbone`` is ``net.0`` (``self.backbone = self.net[0]``, as ``BackboneFinetuning`` asks): naming it so
+    raised "module not found"; it is projected and logged under the name given."""
+    kappas = {"backbone": 0.5, "net.4": 2.0} | ({} if layers else {"net.2": 1.0})
+    proj = KappaBudgetProjection(max_lipschitz=1.0, policy="fixed", kappas=kappas, layers=layers)
+    model = Finetuned(mlp(), lr=0.5)
+    Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+    assert dense_operator_norm(model.net[0]) <= 0.5 * (1 + 1e-3)
+    assert dense_operator_norm(model.net[4]) <= 2.0 * (1 + 1e-3)
+    assert set(proj.sigmas) == set(kappas)
 
 
 class Uncertifiable(Classifier):
