@@ -11,7 +11,8 @@ from collections.abc import Mapping
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, default_collate
 from torchmetrics.classification import MulticlassAccuracy
@@ -664,6 +665,46 @@ DOCUMENTED_TAGS = [
 ]
 
 
+class Monitored(Callback):
+    """What a monitor reads at the end of validation and of the epoch, next to the callbacks' own values."""
+
+    def __init__(self, kappa, controller):
+        self.kappa, self.controller, self.seen = kappa, controller, []
+
+    def record(self, trainer):
+        read = {k: trainer.callback_metrics[k].item() for k in ("lip/kappa/bound", "lip/lr/throttle")}
+        own = {"lip/kappa/bound": self.kappa.bound, "lip/lr/throttle": self.controller.states[0].throttle}
+        self.seen.append((read, own))
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.record(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.record(trainer)
+
+
+def test_monitors_read_the_latest_values_of_the_projection_and_the_controller(tmp_path):
+    """``ModelCheckpoint`` and ``EarlyStopping`` on metrics that are logged on the loggers' steps only, in epochs of 4
+    steps under ``log_every_n_steps=50`` and validations every 2 steps: they raised "metric not available"; at the
+    end of validation and of the epoch they read the latest values."""
+    callbacks = four()
+    kappa, _, _, controller = callbacks
+    monitored = Monitored(kappa, controller)
+    checkpoint = ModelCheckpoint(tmp_path, monitor="lip/kappa/bound", mode="max")
+    stopping = EarlyStopping("lip/lr/throttle", mode="max", patience=5, check_on_train_epoch_end=True)
+    data = loader(random_data(64, (1, 8, 8)))
+    trainer = Trainer(
+        callbacks=[*callbacks, monitored, checkpoint, stopping],
+        **trainer_kwargs(tmp_path, max_epochs=2, val_check_interval=2, enable_checkpointing=True, log_every_n_steps=50),
+    )
+    trainer.fit(Evaluated(cnn(), lr=2.0, momentum=0.5), data, data)
+    # the logged values are float32: equal to 1e-7 relative
+    assert len(monitored.seen) == 6 and all(read == pytest.approx(own, rel=1e-7) for read, own in monitored.seen)
+    assert checkpoint.best_model_score.item() == max(read["lip/kappa/bound"] for read, _ in monitored.seen)
+    assert stopping.best_score.item() == max(read["lip/lr/throttle"] for read, _ in monitored.seen)
+
+
 def test_every_documented_tag_reaches_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import metadata
@@ -713,6 +754,7 @@ def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path, variant):
     assert rank0["used"] == rank1["used"] and min(lr for row in rank0["used"] for lr in row) < 2.0  # throttled
     for key in rank0["params"]:
         assert torch.equal(rank0["params"][key], rank1["params"][key]), key
-    assert rank0["metrics"] == rank1["metrics"]
+    assert rank0["metrics"] == rank1["metrics"] and not rank0["metrics"]["sync_warnings"]
+    assert rank0["metrics"]["monitored"][1] == pytest.approx(rank0["metrics"]["throttle"][0]["throttle"], rel=1e-7)
     assert any("parametrizations" in key for key in rank0["params"]) == bool(variant)
     assert len(rank0["metrics"]["sigmas"]) == 3 and math.prod(rank0["metrics"]["sigmas"].values()) <= 3.0 * (1 + 1e-2)

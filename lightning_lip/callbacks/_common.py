@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
@@ -83,6 +84,15 @@ def log_on_logger_steps(trainer: pl.Trainer, pl_module: pl.LightningModule, metr
         return False
     pl_module.log_dict(metrics, on_step=True, on_epoch=False)
     return True
+
+
+def log_for_monitors(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float] | None) -> None:
+    """Hand the latest per-step ``metrics`` to what monitors a metric (``ModelCheckpoint``, ``EarlyStopping``,
+    ``ReduceLROnPlateau``), which reads ``trainer.callback_metrics`` at the end of validation or of the epoch: call
+    this at their start, as :func:`log_on_logger_steps` has not logged epochs shorter than ``log_every_n_steps``. Not
+    to the loggers: they have the per-step curves. Every rank holds the same values: ``max`` syncs them exactly."""
+    if metrics and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+        pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False, reduce_fx="max", sync_dist=True)
 
 
 class Differentiation:

@@ -30,6 +30,7 @@ from lightning_lip.callbacks._common import (
     check_choice,
     check_int,
     check_positive,
+    log_for_monitors,
     log_on_logger_steps,
     tensorboard_writer,
     write_tensorboard_layout,
@@ -191,7 +192,8 @@ class KappaBudgetProjection(Callback):
         self._n_skipped = 0
         self._unscalable: set[str] = set()
         self._generator = SpawnSafeGenerator().manual_seed(0)
-        self._pending: dict[str, float] | None = None
+        self._pending: dict[str, float] | None = None  # the metrics of the last projection, to log
+        self._latest: dict[str, float] | None = None  # and once logged, for the monitors
         self._warn = WarnOnce()
 
     @property
@@ -478,7 +480,7 @@ class KappaBudgetProjection(Callback):
             for name, sigma in self._sigmas.items():
                 metrics[f"lip/kappa/sigma/{name}"] = sigma
                 metrics[f"lip/kappa/kappa/{name}"] = self._current_kappas[name]
-        self._pending = metrics
+        self._pending = self._latest = metrics
 
     @override
     def on_train_batch_end(
@@ -490,6 +492,14 @@ class KappaBudgetProjection(Callback):
         writer = tensorboard_writer(trainer)
         if writer is not None and self._sigmas:
             writer.add_histogram("lip/kappa/sigma", torch.tensor(list(self._sigmas.values())), trainer.global_step)
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_for_monitors(trainer, pl_module, self._latest)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        log_for_monitors(trainer, pl_module, self._latest)
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

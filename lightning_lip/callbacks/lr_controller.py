@@ -27,6 +27,7 @@ from lightning_lip.callbacks._common import (
     check_fraction,
     check_int,
     check_loss_source,
+    log_for_monitors,
     log_on_logger_steps,
     write_tensorboard_layout,
 )
@@ -211,7 +212,8 @@ class CurvatureLRController(Callback):
         self._last_signal: tuple[float, int] | None = None  # restored from a checkpoint
         self._registry: LipRegistry | None = None
         self._scheduled: list[float] | None = None
-        self._rows: list[tuple[float, float | None, float | None]] = []
+        self._rows: list[tuple[float, float | None, float | None]] = []  # this step's, to log
+        self._last_rows: list[tuple[float, float | None, float | None]] = []  # the last step's, for the monitors
         self._loss_finite = True
         self._step_loss = 0.0  # sum over the step's micro-batches of the (accumulation-normalized) loss
         self._loss_step: int | None = None  # the global step whose loss was taken last
@@ -489,7 +491,20 @@ class CurvatureLRController(Callback):
                 metrics |= counts[0]
                 self._logged_counts = counts
             log_on_logger_steps(trainer, pl_module, metrics)
+        self._last_rows = self._rows or self._last_rows
         self._rows = []
+
+    @override
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_for_monitors(trainer, pl_module)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._log_for_monitors(trainer, pl_module)
+
+    def _log_for_monitors(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._last_rows:
+            log_for_monitors(trainer, pl_module, self._metrics(self._last_rows) | self._event_counts())
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
