@@ -44,7 +44,7 @@ from lightning_lip.functional.noise import (
     sigma_dynamics,
 )
 from lightning_lip.functional.per_sample import per_sample_grads
-from lightning_lip.functional.spectral import CONV_TYPES, lanczos_svd, random_start
+from lightning_lip.functional.spectral import CONV_TYPES, current_weight, lanczos_svd, random_start, weight_pruning
 from lightning_lip.functional.stability import GradientMap, gradient_clipping, linear_step
 from lightning_lip.registry import LipRegistry
 
@@ -231,14 +231,15 @@ class GradientNoiseEstimator(Callback):
         self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES) and _trained(m)})
 
     def _warn_computed(self) -> None:
-        """Warn once about the layers without dynamics (again where more join them, as pruning during fit does)."""
-        computed = [n for n, m in self._layers.items() if isinstance(m, _DYNAMICS_TYPES) and not _own_weight(m)]
+        """Warn once about the layers without dynamics (again where more join them: a parametrization registered
+        during fit)."""
+        computed = [n for n, m in self._layers.items() if isinstance(m, _DYNAMICS_TYPES) and not _stepped_weight(m)]
         if computed:
             self._warn(
                 f"computed/{computed}",
-                f"{type(self).__name__}: no Lipschitz dynamics for layers whose weight is computed (parametrized, "
-                f"pruned, or recomputed by a hook), as the optimizer steps other tensors: {', '.join(computed)}. Their "
-                "gradients count in the noise statistics and their SNR.",
+                f"{type(self).__name__}: no Lipschitz dynamics for layers whose weight is computed (parametrized, or "
+                "recomputed by a hook other than pruning's), as the optimizer steps other tensors: "
+                f"{', '.join(computed)}. Their gradients count in the noise statistics and their SNR.",
             )
 
     @override
@@ -360,11 +361,12 @@ class GradientNoiseEstimator(Callback):
                 metrics[f"lip/noise/snr/{layer_name}"] = (signal / noise).item()
         weights, seen = {}, set()
         for name, layer in self._layers.items():
-            key = names[id(layer.weight)] if isinstance(layer, _DYNAMICS_TYPES) and _own_weight(layer) else None
+            stepped = _stepped_weight(layer) if isinstance(layer, _DYNAMICS_TYPES) else None
+            key = None if stepped is None else names[id(stepped[0])]
             if key in per_param and key not in seen and (isinstance(layer, nn.Linear) or name in self._shapes.shapes):
                 seen.add(key)  # a tied weight once
                 m, o = per_param[key]
-                weights[name] = m.view_as(layer.weight), o.reshape(-1, *layer.weight.shape)
+                weights[name] = m.view_as(stepped[0]), o.reshape(-1, *stepped[0].shape)
         registry = LipRegistry.of(trainer)
         step = trainer.global_step
         for key, value in (("trace", stats.trace), ("grad_norm_sq", stats.grad_norm_sq), ("scale", stats.scale)):
@@ -413,18 +415,22 @@ class GradientNoiseEstimator(Callback):
         per_layer = {}
         for name, (mean, omega) in weights.items():
             layer = self._layers[name]
-            weight = layer.weight
-            if id(weight) not in held:
+            stepped = _stepped_weight(layer)
+            if stepped is None or id(stepped[0]) not in held:
                 continue
-            grad = None if weight.grad is None else weight.grad.detach()
-            step = linear_step(optimizer, weight, grad, clipping.get(id(weight), (1.0, 0.0)))
+            param, mask = stepped
+            grad = None if param.grad is None else param.grad.detach()
+            step = linear_step(optimizer, param, grad, clipping.get(id(param), (1.0, 0.0)))
             if step is None:
                 self._warn("step_map", f"{type(self).__name__}: no linear step map for {type(optimizer).__name__}.")
                 return None
             mean_step = step.offset.double() + step.gain.double() * mean.double()
             noise = step.gain.double() * omega.double()
+            if mask is not None:  # a pruned weight moves by the mask times its parameter's step
+                mean_step, noise = mean_step * mask, noise * mask
+            weight = current_weight(layer).detach().double()
             if isinstance(layer, nn.Linear):
-                u, s, vh = torch.linalg.svd(weight.detach().double(), full_matrices=False)
+                u, s, vh = torch.linalg.svd(weight, full_matrices=False)
                 sigma, dyn = s[0], sigma_dynamics(u, s, vh.T, mean_step, noise, step_batch)
             else:
                 u, sigma, v = self._top_triplet(name, layer, follow_up)
@@ -432,7 +438,7 @@ class GradientNoiseEstimator(Callback):
                 # relative of a float64 solve to 1e-12, and the solve is 2.2x faster than to 1e-4 in float64.
                 dyn = operator_sigma_dynamics(
                     partial(self._apply, name, layer),
-                    weight.detach().double(),
+                    weight,
                     u,
                     sigma,
                     v,
@@ -482,7 +488,7 @@ class GradientNoiseEstimator(Callback):
         at 1e-6 with the residual rule of a warm start (``residual_factor=1``): on a 3x32x32 CNN whose middle layer
         has a tiny :math:`\sigma_1 - \sigma_2` gap, a third of the Lanczos steps, with :math:`\sigma` within 1e-10
         relative of a converged one, against one step's standard deviation of 1e-5."""
-        operator = self._shapes.operator(name, layer, weight=layer.weight.detach().double())
+        operator = self._shapes.operator(name, layer, weight=current_weight(layer).detach().double())
         warm = self._vectors.get(name)
         if warm is None:
             published = self._registry.get(f"kappa/singular_vectors/{name}")
@@ -512,7 +518,7 @@ class GradientNoiseEstimator(Callback):
         for name, (sigma, drift, diffusion, _) in expected["layers"].items():
             layer = self._layers[name]
             if isinstance(layer, nn.Linear):
-                after = torch.linalg.matrix_norm(layer.weight.detach().double(), 2).item()
+                after = torch.linalg.matrix_norm(current_weight(layer).detach().double(), 2).item()
             else:
                 after = self._top_triplet(name, layer, follow_up=True)[1].item()
             observed = after - sigma
@@ -573,14 +579,22 @@ class GradientNoiseEstimator(Callback):
             self._shapes.update(name, shapes)
 
 
-def _own_weight(layer: nn.Module) -> bool:
-    """Whether the optimizer steps ``layer.weight`` itself (a parameter, not computed from others)."""
-    return not nn.utils.parametrize.is_parametrized(layer, "weight") and isinstance(layer.weight, nn.Parameter)
+def _stepped_weight(layer: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The parameter the optimizer steps for ``layer.weight`` and the mask the weight is that parameter times:
+    ``(weight, None)``; ``(weight_orig, weight_mask)`` for a pruned weight (``torch.nn.utils.prune``, as Lightning's
+    ``ModelPruning`` prunes), whose step is the mask times its parameter's; ``None`` where a parametrization or
+    another hook computes the weight."""
+    if not nn.utils.parametrize.is_parametrized(layer, "weight") and isinstance(layer.weight, nn.Parameter):
+        return layer.weight, None
+    if weight_pruning(layer) is not None:
+        return layer.weight_orig, layer.weight_mask
+    return None
 
 
 def _trained(layer: nn.Module) -> bool:
     """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
-    return layer.weight.requires_grad if _own_weight(layer) else any(p.requires_grad for p in layer.parameters())
+    stepped = _stepped_weight(layer)
+    return stepped[0].requires_grad if stepped is not None else any(p.requires_grad for p in layer.parameters())
 
 
 def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> dict[int, GradientMap]:
