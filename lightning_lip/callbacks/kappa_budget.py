@@ -114,7 +114,9 @@ class KappaBudgetProjection(Callback):
             a cosine below :math:`1 - ` ``tol`` (on fixed weights, the relative gap between the last two estimates;
             the step's move of the weights cancels from it to first order), or when :math:`\sigma` moved by more
             than :math:`\sqrt{tol}` relative since the last step, that layer is re-measured by warm-started
-            Lanczos.
+            Lanczos. The estimate's remaining error can be the check's value times
+            :math:`\rho^2 (1 + \rho) / (1 - \rho)`, :math:`\rho = \sigma_2 / \sigma_1` (15 at 0.9), and more where
+            two singular values cross (see the README's limitations; audits restore the estimates).
         audit_every_n_steps: run a tight Lanczos measurement every this many steps, and once at the end of fit;
             ``0`` disables audits.
         audit_tol: relative tolerance of the audit on :math:`\sigma^2` (the audited :math:`\sigma` is within

@@ -48,10 +48,12 @@ class DenseNorms(Callback):
 @pytest.mark.parametrize("arch", ["mlp", "cnn-reflect", "cnn-circular"])
 @pytest.mark.parametrize(("lr", "audits"), [(0.05, 0), (0.5, 1)], ids=["moderate-steps", "huge-steps-audited"])
 def test_projected_layers_meet_budget(tmp_path, policy, arch, lr, audits):
-    """Moderate steps: the per-step estimate alone (one warm power iteration + convergence check, no audits)
-    meets the budget. Huge steps (lr=0.5 moves these tiny nets' weights by several % a step) can swap the top
-    singular mode faster than one iteration follows, as can a circular convolution's decoupled Fourier blocks;
-    there the guarantee holds after audits. ``max_lipschitz`` is far below the initial product: every step projects.
+    """With audits every step the guarantee holds whatever the steps: huge ones (lr=0.5 moves these tiny nets'
+    weights by several % a step) swap the top singular mode faster than one iteration follows, as can a circular
+    convolution's decoupled Fourier blocks. Without audits it holds on these runs of moderate steps (the per-step
+    estimate alone: one warm power iteration and the convergence check), not on every run: over seeds, estimates
+    were up to 1.0e-3 low in this regime (``benchmarks/kappa_tracking.py``). ``max_lipschitz`` is far below the
+    initial product: every step projects.
     """
     max_lip = 0.5
     if arch == "cnn-circular" and audits == 0:
