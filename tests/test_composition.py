@@ -5,6 +5,7 @@ import copy
 import dataclasses
 import math
 import pickle
+import warnings
 from collections import deque, namedtuple
 from collections.abc import Mapping
 
@@ -279,6 +280,20 @@ def test_compiled(tmp_path, compiled):
     prefix = "lip/noise/drift/net._orig_mod." if compiled == "network" else "lip/noise/drift/net."
     assert sum(key.startswith(prefix) for key in noise.last) == 3  # convs and linear
     assert controller.states[0].n_cuts > 0
+
+
+def test_a_barebones_trainer_trains_with_every_callback_acting_and_nothing_logged(tmp_path):
+    """``Trainer(barebones=True)`` disables logging: the callbacks' ``self.log`` calls warned as if the user's code
+    logged ("You are trying to `self.log()`"), hundreds of times with the ``always`` filter."""
+    callbacks = four()
+    kappa, monitor, noise, controller = callbacks
+    torch.manual_seed(0)
+    trainer = Trainer(callbacks=callbacks, barebones=True, accelerator="cpu", max_epochs=2, default_root_dir=tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(Unlogged(cnn(), lr=2.0, momentum=0.5), loader(random_data(64, (1, 8, 8))))
+    assert not [w for w in caught if "barebones" in str(w.message)]
+    assert kappa.n_projections == 8 and monitor.n_runs == 4 and noise.n_runs == 4 and controller.states[0].n_cuts > 0
 
 
 def test_lazy_modules(tmp_path):

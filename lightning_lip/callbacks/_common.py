@@ -76,14 +76,22 @@ class WarnOnce:
             rank_zero_warn(message, category=UserWarning)
 
 
+def log_metrics(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float], **kwargs: Any) -> bool:
+    """``pl_module.log_dict(metrics, **kwargs)``, unless there is nothing to log or ``Trainer(barebones=True)``
+    disables logging (where each call warns as if the user's own code logged). Returns whether they were logged."""
+    if not metrics or trainer.barebones:
+        return False
+    pl_module.log_dict(metrics, **kwargs)
+    return True
+
+
 def log_on_logger_steps(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float]) -> bool:
     """Log per-step ``metrics`` only on the steps the loggers write (``log_every_n_steps``), like Lightning's
     ``LearningRateMonitor``: ``self.log`` costs ~0.5 ms a metric, more than these callbacks' own work on small
     models. Returns whether they were logged."""
-    if not metrics or not trainer._logger_connector.should_update_logs:
-        return False
-    pl_module.log_dict(metrics, on_step=True, on_epoch=False)
-    return True
+    return trainer._logger_connector.should_update_logs and log_metrics(
+        trainer, pl_module, metrics, on_step=True, on_epoch=False
+    )
 
 
 def log_for_monitors(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics: dict[str, float] | None) -> None:
@@ -91,8 +99,9 @@ def log_for_monitors(trainer: pl.Trainer, pl_module: pl.LightningModule, metrics
     ``ReduceLROnPlateau``), which reads ``trainer.callback_metrics`` at the end of validation or of the epoch: call
     this at their start, as :func:`log_on_logger_steps` has not logged epochs shorter than ``log_every_n_steps``. Not
     to the loggers: they have the per-step curves. Every rank holds the same values: ``max`` syncs them exactly."""
-    if metrics and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-        pl_module.log_dict(metrics, on_step=False, on_epoch=True, logger=False, reduce_fx="max", sync_dist=True)
+    if metrics is not None and trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+        kwargs = dict(on_step=False, on_epoch=True, logger=False, reduce_fx="max", sync_dist=True)
+        log_metrics(trainer, pl_module, metrics, **kwargs)
 
 
 class Differentiation:

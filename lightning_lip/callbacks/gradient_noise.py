@@ -30,6 +30,7 @@ from lightning_lip.callbacks._common import (
     check_fraction,
     check_int,
     check_loss_source,
+    log_metrics,
     measurement_mode,
     module_loss,
     write_tensorboard_layout,
@@ -536,7 +537,7 @@ class GradientNoiseEstimator(Callback):
     ) -> None:
         self._batch = None
         if self._pending:
-            pl_module.log_dict(self._pending, on_step=True, on_epoch=False)
+            log_metrics(trainer, pl_module, self._pending, on_step=True, on_epoch=False)
             self._pending = {}
 
     @override

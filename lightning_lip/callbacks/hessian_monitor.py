@@ -32,6 +32,7 @@ from lightning_lip.callbacks._common import (
     detached,
     differentiation_failure,
     first_line,
+    log_metrics,
     measurement_mode,
     module_loss,
     tensorboard_writer,
@@ -202,7 +203,7 @@ class HessianEigenMonitor(Callback):
         probe = [batch] if self.data == "current" else self._probe
         result = self.measure(trainer, pl_module, probe)
         if result is not None:
-            pl_module.log_dict(result, on_step=True, on_epoch=False)
+            log_metrics(trainer, pl_module, result, on_step=True, on_epoch=False)
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: list[Any]) -> dict[str, float] | None:
         """Run Lanczos on the probe batches; publish and return the metrics, or ``None`` if there is nothing to
