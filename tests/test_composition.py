@@ -296,6 +296,32 @@ def test_a_barebones_trainer_trains_with_every_callback_acting_and_nothing_logge
     assert kappa.n_projections == 8 and monitor.n_runs == 4 and noise.n_runs == 4 and controller.states[0].n_cuts > 0
 
 
+def test_embeddings_with_sparse_gradients_are_measured_as_with_dense_ones(tmp_path, recwarn):
+    """``torch.func`` and double backward take no sparse tensors: the monitor and the estimator stopped measuring a
+    model with ``nn.Embedding(sparse=True)`` ("cannot differentiate"). They measure it with dense gradients: the
+    same values as for ``sparse=False``, and the controller scans its sparse gradients."""
+    data = torch.utils.data.TensorDataset(torch.randint(0, 50, (64, 2)), torch.randint(0, 4, (64,)))
+    runs = {}
+    for sparse in (True, False):
+        torch.manual_seed(0)
+        model = Classifier(
+            torch.nn.Sequential(torch.nn.Embedding(50, 8, sparse=sparse), torch.nn.Flatten(), torch.nn.Linear(16, 4)),
+            lr=0.5,
+        )
+        monitor = HessianEigenMonitor(every_n_steps=2, max_iter=10, num_samples=32)
+        noise = GradientNoiseEstimator(every_n_steps=2)
+        controller = CurvatureLRController(margin=0.5, probe_every_n_steps=2, skip_nonfinite=True)
+        Trainer(callbacks=[monitor, noise, controller], **trainer_kwargs(tmp_path, max_epochs=2)).fit(
+            model, loader(data)
+        )
+        assert monitor.n_runs == noise.n_runs == 4 and monitor.failure is None and noise.failure is None
+        measured = {k: v for k, v in (monitor.last | noise.last).items() if not k.endswith(("seconds", "overhead"))}
+        runs[sparse] = measured, controller.states[0].throttle, model.state_dict()
+    (sparse_metrics, sparse_throttle, sparse_params), (dense_metrics, dense_throttle, dense_params) = runs.values()
+    assert sparse_metrics == pytest.approx(dense_metrics, rel=1e-5) and sparse_throttle == pytest.approx(dense_throttle)
+    assert all(torch.allclose(sparse_params[k], dense_params[k], atol=1e-6) for k in dense_params)
+
+
 def test_lazy_modules(tmp_path):
     """Lazy layers have no parameters before the first forward pass: the controller's first measurement, which runs
     before it, waits for the next batch (it used to crash the run on an uninitialized parameter), and the

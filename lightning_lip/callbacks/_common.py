@@ -416,13 +416,18 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
     being differentiated). Restored: the LightningModule's own public attributes, rebound or changed in place (a
     list, dict or set, such as Lightning's ``self.training_step_outputs.append(loss)``). With ``batch_norm_train`` a
     ``SyncBatchNorm`` takes its rank's own batch statistics: it synchronizes them in an ``autograd.Function`` with
-    collectives inside, which the measurements do not differentiate through.
+    collectives inside, which the measurements do not differentiate through. Embeddings with ``sparse=True`` give
+    dense gradients, the same values in the layout ``torch.func`` and double backward take.
     """
     modes = {m: m.training for m in pl_module.modules()}
+    sparse = [m for m in pl_module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     with ExitStack() as restore:
-        for m in [pl_module, *(m for m in pl_module.modules() if isinstance(m, (Metric, nn.SyncBatchNorm)))]:
+        changed = (m for m in pl_module.modules() if isinstance(m, (Metric, nn.SyncBatchNorm)))
+        for m in [pl_module, *changed, *sparse]:
             restore.enter_context(_restored_attributes(m))
         try:
+            for m in sparse:
+                m.sparse = False
             pl_module.eval()
             for m in pl_module.modules():
                 if batch_norm_train and isinstance(m, nn.modules.batchnorm._BatchNorm):

@@ -383,8 +383,9 @@ class CurvatureLRController(Callback):
         self._loss_finite, self._step_loss = True, 0.0
         groups = optimizer.param_groups if self.skip_nonfinite else []  # only then are the gradients read
         params = [p for group in groups for p in group["params"] if p.grad is not None]
-        if params and not bad:  # the gradients themselves: one fused pass over them
-            bad = float(not torch.isfinite(torch.stack(torch._foreach_norm([p.grad for p in params]))).all())
+        if params and not bad:  # the gradients themselves: one fused pass over them (a sparse one's values)
+            grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
+            bad = float(not torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
         if trainer.world_size > 1:  # one collective: whether any rank saw a non-finite value, and the mean loss
             both = torch.tensor([bad, loss], dtype=torch.float64, device=trainer.strategy.root_device)
             bad, loss = trainer.strategy.reduce(both, reduce_op="sum").tolist()
