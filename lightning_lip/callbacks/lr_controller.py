@@ -216,6 +216,7 @@ class CurvatureLRController(Callback):
         self._last_rows: list[tuple[float, float | None, float | None]] = []  # the last step's, for the monitors
         self._loss_finite = True
         self._step_loss = 0.0  # sum over the step's micro-batches of the (accumulation-normalized) loss
+        self._n_losses = 0  # and their number
         self._loss_step: int | None = None  # the global step whose loss was taken last
         self._nonfinite = False  # a non-finite loss or gradient waiting for the step's pre-hook
         self.loss_ema: float | None = None
@@ -367,7 +368,7 @@ class CurvatureLRController(Callback):
         for group, lr in zip(optimizer.param_groups, self._scheduled):
             _set_lr(group, lr)
         self._scheduled = None
-        self._loss_finite, self._step_loss = True, 0.0  # losses of closure evaluations after the first (LBFGS)
+        self._loss_finite, self._step_loss, self._n_losses = True, 0.0, 0  # closure evaluations after the first
 
     @override
     def on_before_optimizer_step(
@@ -379,8 +380,12 @@ class CurvatureLRController(Callback):
         if optimizer is not trainer.optimizers[0] or not self.states or self._loss_step == trainer.global_step:
             return
         self._loss_step = trainer.global_step
-        bad, loss = float(not self._loss_finite), self._step_loss
-        self._loss_finite, self._step_loss = True, 0.0
+        # Lightning divides each micro-batch's loss by `accumulate_grad_batches`; a step with fewer micro-batches (a
+        # `training_step` that returned None, an epoch's last, incomplete window) would read as a drop, and the next
+        # full step as a spike.
+        bad, loss = float(not self._loss_finite), self._step_loss * trainer.accumulate_grad_batches
+        loss /= max(self._n_losses, 1)
+        self._loss_finite, self._step_loss, self._n_losses = True, 0.0, 0
         groups = optimizer.param_groups if self.skip_nonfinite else []  # only then are the gradients read
         params = [p for group in groups for p in group["params"] if p.grad is not None]
         if params and not bad:  # the gradients themselves: one fused pass over them (a sparse one's values)
@@ -442,6 +447,7 @@ class CurvatureLRController(Callback):
         value = loss.item() if loss.numel() == 1 else float(loss.detach().sum())
         self._loss_finite = self._loss_finite and math.isfinite(value)
         self._step_loss += value
+        self._n_losses += 1
 
     def _metrics(self, rows: list[tuple[float, float | None, float | None]]) -> dict[str, float]:
         """Metrics of the least stable group (per-group throttles too with several groups) from the ``(scheduled lr,

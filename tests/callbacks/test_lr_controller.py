@@ -485,6 +485,23 @@ def test_the_step_loss_is_the_mean_over_accumulated_micro_batches(tmp_path):
     assert controller.loss_ema == pytest.approx(sum(model.losses) / 2, rel=1e-6)  # Lightning divides each by 2
 
 
+def test_a_step_with_fewer_micro_batches_reads_the_mean_of_those_it_has(tmp_path):
+    """A ``training_step`` that returns ``None`` (or an epoch's last, incomplete accumulation window) leaves a step
+    fewer micro-batches: its loss read as halved, and the next full step as a spike that cut the LR."""
+
+    class SkipsSecond(SpikeAt):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    controller = CurvatureLRController()
+    model = SkipsSecond()
+    fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], max_steps=2, accumulate_grad_batches=2)
+    assert len(model.losses) == 3 and controller.n_spikes == 0  # step 1: micro-batch 0 alone; step 2: 2 and 3
+    decay = controller.LOSS_EMA_DECAY
+    mean = decay * model.losses[0] + (1 - decay) * (model.losses[1] + model.losses[2]) / 2
+    assert controller.loss_ema == pytest.approx(mean, rel=1e-6)
+
+
 def test_a_negative_loss_warns_once_and_holds_the_bound(tmp_path):
     controller = CurvatureLRController(margin=0.5)
     recorder = BoundRecorder(400.0, controller)
