@@ -306,7 +306,7 @@ def test_embeddings_with_sparse_gradients_are_measured_as_with_dense_ones(tmp_pa
         torch.manual_seed(0)
         model = Classifier(
             torch.nn.Sequential(torch.nn.Embedding(50, 8, sparse=sparse), torch.nn.Flatten(), torch.nn.Linear(16, 4)),
-            lr=0.5,
+            lr=5.0,  # the controller cuts
         )
         monitor = HessianEigenMonitor(every_n_steps=2, max_iter=10, num_samples=32)
         noise = GradientNoiseEstimator(every_n_steps=2)
@@ -318,8 +318,10 @@ def test_embeddings_with_sparse_gradients_are_measured_as_with_dense_ones(tmp_pa
         measured = {k: v for k, v in (monitor.last | noise.last).items() if not k.endswith(("seconds", "overhead"))}
         runs[sparse] = measured, controller.states[0].throttle, model.state_dict()
     (sparse_metrics, sparse_throttle, sparse_params), (dense_metrics, dense_throttle, dense_params) = runs.values()
-    assert sparse_metrics == pytest.approx(dense_metrics, rel=1e-5) and sparse_throttle == pytest.approx(dense_throttle)
-    assert all(torch.allclose(sparse_params[k], dense_params[k], atol=1e-6) for k in dense_params)
+    # sparse and dense SGD updates round apart by an ulp (2.4e-7 here), which moves the metrics by up to 1.4e-6
+    assert sparse_metrics == pytest.approx(dense_metrics, rel=1e-5) and sparse_throttle < 0.5
+    assert sparse_throttle == pytest.approx(dense_throttle, rel=1e-6)
+    assert all(torch.allclose(sparse_params[k], dense_params[k], rtol=0, atol=1e-6) for k in dense_params)
 
 
 def test_lazy_modules(tmp_path):
