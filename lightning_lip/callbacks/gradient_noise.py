@@ -105,8 +105,9 @@ class GradientNoiseEstimator(Callback):
             in ``(0, 1]``: a measurement is taken only if the callback's time so far plus the last measurement's
             cost (with its next-step prediction) stays within it. One measurement costs tens to hundreds of
             training steps on small models, mostly the convolutions' second-order terms.
-        layers: qualified names of the modules to report per layer; default every ``nn.Linear`` and ``nn.ConvNd``
-            with a trainable weight (Lipschitz dynamics for those two kinds, SNR for any module with a weight).
+        layers: qualified names of the modules to report per layer (an alias too); default every ``nn.Linear`` and
+            ``nn.ConvNd`` (Lipschitz dynamics for those two kinds while their weight is trained, SNR for any module
+            with a weight).
         chunk_size: samples per ``vmap`` chunk, bounding peak memory; ``None``: all at once.
         max_samples: at most this many samples of each batch (per rank), ``>= 2``.
         k: number of top eigenvalues of :math:`\Sigma` to report, ``>= 1``.

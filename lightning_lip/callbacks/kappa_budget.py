@@ -106,7 +106,8 @@ class KappaBudgetProjection(Callback):
             ``"fixed"`` (``kappas``).
         kappas: ``{layer name: kappa}`` for ``policy="fixed"``, covering every projected layer, product
             :math:`\le L_{max}`.
-        layers: qualified module names to project; default every supported layer.
+        layers: qualified module names to project (any name of a module registered under several, such as a
+            ``backbone`` alias); default every supported layer.
         n_power_iterations: power-iteration steps per optimizer step, ``>= 1``, each one product with the layer's
             operator :math:`A` or its adjoint, in turn (two make one iteration on :math:`A^\top A`; see
             :func:`~lightning_lip.functional.spectral.alternating_power_iteration`).
