@@ -748,6 +748,26 @@ def test_monitors_read_the_latest_values_of_the_projection_and_the_controller(tm
     assert stopping.best_score.item() == max(read["lip/lr/throttle"] for read, _ in monitored.seen)
 
 
+class OnPlateau(Classifier):
+    """SGD under a ``ReduceLROnPlateau`` on the projection's bound."""
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.5)
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "monitor": "lip/kappa/bound"}}
+
+
+def test_a_plateau_scheduler_reads_the_bound_at_every_epoch_end(tmp_path):
+    """Lightning steps a ``ReduceLROnPlateau`` after the callbacks' ``on_train_epoch_end``: on a metric logged on the
+    loggers' steps only it raised "not available" in epochs shorter than ``log_every_n_steps``."""
+    callbacks = four()
+    model = OnPlateau(cnn(), lr=2.0)
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=3))
+    trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 3 and scheduler.best <= callbacks[0].max_lipschitz * (1 + 1e-2)
+
+
 def test_every_documented_tag_reaches_tensorboard(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.plugins.custom_scalar import metadata
