@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -20,6 +21,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
+from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
@@ -73,8 +75,9 @@ class KappaBudgetProjection(Callback):
     r"""Project every ``Linear``, ``ConvNd`` and ``ConvTransposeNd`` layer onto its operator-norm budget after each
     optimizer step.
 
-    After every real optimizer step (not on gradient-accumulation micro-batches, not when AMP skipped the step) the
-    callback estimates each layer's operator norm :math:`\sigma_l` by one step of power iteration continued from the
+    After every real optimizer step (not on gradient-accumulation micro-batches, not when AMP skipped the step; with
+    several optimizers, the steps of those that hold a projected layer's weight, as a GAN's critic's) the callback
+    estimates each layer's operator norm :math:`\sigma_l` by one step of power iteration continued from the
     previous step's singular vectors (the operator and its adjoint in turn: each weight is read once), asks
     :meth:`allocate` for budgets :math:`\kappa_l` with :math:`\prod_l \kappa_l \le L_{max}`, and rescales :math:`W_l
     \leftarrow W_l \min(1, \kappa_l/\sigma_l)`. Layers under budget stay bit-identical. For convolutions the norm is
@@ -106,8 +109,9 @@ class KappaBudgetProjection(Callback):
             ``"fixed"`` (``kappas``).
         kappas: ``{layer name: kappa}`` for ``policy="fixed"``, covering every projected layer, product
             :math:`\le L_{max}`.
-        layers: qualified module names to project (any name of a module registered under several, such as a
-            ``backbone`` alias); default every supported layer.
+        layers: qualified names of the layers to project (any name of a module registered under several, such as a
+            ``backbone`` alias), or of modules whose supported layers are all projected (a GAN's ``critic``); the
+            bound is then that of :attr:`scope`. Default every supported layer of the model.
         n_power_iterations: power-iteration steps per optimizer step, ``>= 1``, each one product with the layer's
             operator :math:`A` or its adjoint, in turn (two make one iteration on :math:`A^\top A`; see
             :func:`~lightning_lip.functional.spectral.alternating_power_iteration`).
@@ -127,7 +131,7 @@ class KappaBudgetProjection(Callback):
 
     Raises:
         ValueError: if an argument is out of range, or at the start of fit if ``layers`` or ``kappas`` name layers
-            that the model does not have or that are not supported.
+            that the model does not have or that hold no supported layer.
 
     Example::
 
@@ -187,6 +191,7 @@ class KappaBudgetProjection(Callback):
     def _start_afresh(self) -> None:
         """The state of a new training run."""
         self.n_projections = 0
+        self._last_step = 0  # the optimizer step of the last projection
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}
         self._left_vectors: dict[str, Tensor] = {}
@@ -220,9 +225,18 @@ class KappaBudgetProjection(Callback):
             return {name: self.kappas[name] for name in sigmas}
         return proportional_budget(sigmas, self.max_lipschitz)
 
+    @property
+    def scope(self) -> str:
+        """Name of the module whose Lipschitz constant :attr:`bound` certifies: the innermost one that holds every
+        module in ``layers`` (``"critic"`` for ``["critic.0", "critic.2"]``); ``""``, the whole model, by default."""
+        return ".".join(os.path.commonprefix([name.split(".") for name in self.layers])) if self.layers else ""
+
     def should_audit(self, step: int) -> bool:
-        """Whether the optimizer step ``step`` (1-based) measures the norms tightly by Lanczos."""
-        return self.audit_every_n_steps > 0 and step % self.audit_every_n_steps == 0
+        """Whether the projection after optimizer step ``step`` (1-based) measures the norms tightly by Lanczos: every
+        ``audit_every_n_steps`` steps, or at the first projection after such a step where it was not projected
+        (another optimizer's)."""
+        n = self.audit_every_n_steps
+        return n > 0 and step // n > self._last_step // n
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -241,9 +255,10 @@ class KappaBudgetProjection(Callback):
         them)."""
         self._layers, excluded = self._find_layers(pl_module)
         if excluded:
+            of = f" of {self.scope!r}" if self.scope else ""
             message = (
-                f"{type(self).__name__} does not project {len(excluded)} layer(s); the logged Lipschitz bound holds "
-                f"only if they are 1-Lipschitz: {', '.join(excluded)}."
+                f"{type(self).__name__} does not project {len(excluded)} layer(s); the logged Lipschitz bound{of} "
+                f"holds only if they are 1-Lipschitz: {', '.join(excluded)}."
             )
             self._warn("excluded", message)
             log.info(message)
@@ -259,27 +274,30 @@ class KappaBudgetProjection(Callback):
             absent = [n for n in self.layers if n not in modules]
             if absent:
                 raise ValueError(f"`layers` names modules the model does not have: {absent}.")
-            unsupported = [n for n in self.layers if not is_supported(modules[n])]
-            if unsupported:
+            empty = [n for n in self.layers if not any(is_supported(m) for m in modules[n].modules())]
+            if empty:
                 raise ValueError(
-                    f"`layers` names unsupported modules (not Linear/ConvNd/ConvTransposeNd): {unsupported}."
+                    f"`layers` names modules with no Linear/ConvNd/ConvTransposeNd layer (unsupported): {empty}."
                 )
         named = self.layers if self.layers is not None else (self.kappas or {})
         given = {id(modules[n]): n for n in named if n in modules}  # the user's name of a module, maybe an alias
+        chosen = None if self.layers is None else {id(m) for n in self.layers for m in modules[n].modules()}
+        scope = modules[self.scope]
+        in_scope = {id(m) for m in scope.modules()}
         covered: dict[str, nn.Module] = {}
         excluded: list[str] = []
         weights: set[int] = set()
         for name, module in pl_module.named_modules():
             name = given.get(id(module), name)
-            if isinstance(module, parametrize.ParametrizationList):
-                continue  # the parameters of a parametrized weight: its layer is covered (or listed)
+            if id(module) not in in_scope or isinstance(module, parametrize.ParametrizationList):
+                continue  # outside the certified module; the parameters of a parametrized weight, whose layer counts
             if is_supported(module) and not _weight_is_stored(module):
                 excluded.append(
                     f"{name} ({type(module).__name__}: weight recomputed by a hook, as by the deprecated "
                     "torch.nn.utils.weight_norm; torch.nn.utils.parametrizations.weight_norm and torch.nn.utils.prune "
                     "are supported)"
                 )
-            elif is_supported(module) and (self.layers is None or id(module) in given):
+            elif is_supported(module) and (chosen is None or id(module) in chosen):
                 if _weight_source(module) not in weights:
                     weights.add(_weight_source(module))
                     covered[name] = module
@@ -300,9 +318,17 @@ class KappaBudgetProjection(Callback):
                 raise ValueError(f"`kappas` has no budget for the projected layers {missing}.")
         return covered, excluded
 
-    def _on_optimizer_step(self, trainer: Trainer, optimizer: Any, args: Any, kwargs: Any) -> None:
+    def _on_optimizer_step(self, trainer: Trainer, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # A step post-hook fires only for real steps: not on accumulation micro-batches, not when AMP skips a step.
-        self.project(trainer, step=trainer.global_step + 1)
+        # Not after another optimizer's step (a GAN's generator's, with the critic projected): the layers have not
+        # moved. Until every layer has been measured once, after every step.
+        if self._sigmas.keys() != self._layers.keys() or self._holds_layers(optimizer):
+            self.project(trainer, step=trainer.global_step + 1)
+
+    def _holds_layers(self, optimizer: Optimizer) -> bool:
+        """Whether ``optimizer`` steps the weight of a projected layer."""
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        return any(id(p) in held for params in self._weight_params.values() for p in params)
 
     @torch.no_grad()
     def project(self, trainer: Trainer, step: int, audit: bool | None = None) -> None:
@@ -355,6 +381,7 @@ class KappaBudgetProjection(Callback):
             self._sigmas[name] = sigma * scale
         self._current_kappas = kappas
         self.n_projections += 1
+        self._last_step = step
         self._publish(trainer, triplets, step)
         self._queue_logs(n_projected, time.perf_counter() - start, audit)
 
@@ -547,6 +574,7 @@ class KappaBudgetProjection(Callback):
             "sigmas": dict(self._sigmas),
             "kappas": dict(self._current_kappas),
             "n_projections": self.n_projections,
+            "last_step": self._last_step,
             "n_skipped": self._n_skipped,
             "unscalable": sorted(self._unscalable),
             "generator": self._generator.get_state(),
@@ -562,6 +590,7 @@ class KappaBudgetProjection(Callback):
         self._sigmas = dict(state_dict["sigmas"])
         self._current_kappas = dict(state_dict["kappas"])
         self.n_projections = state_dict["n_projections"]
+        self._last_step = state_dict.get("last_step", 0)  # absent from checkpoints of 0.1
         self._n_skipped = state_dict["n_skipped"]
         self._unscalable = set(state_dict.get("unscalable", ()))  # absent from checkpoints of 0.1
         self._generator.set_state(state_dict["generator"])

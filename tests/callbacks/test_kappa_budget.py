@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
@@ -148,6 +148,74 @@ def test_skipped_optimizer_steps_are_not_projected(tmp_path):
     proj = KappaBudgetProjection(max_lipschitz=0.5)
     Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(SkipsSomeSteps(), loader(random_data(80)))
     assert proj.n_projections == 3
+
+
+class CriticGAN(LightningModule):
+    """A Wasserstein GAN by manual optimization: each batch steps the critic, then the generator, by their own
+    optimizers. The projection keeps the critic Lipschitz, the constraint weight clipping approximates."""
+
+    def __init__(self, activation: nn.Module | None = None):
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 16))
+        self.critic = nn.Sequential(nn.Linear(16, 32), activation or nn.LeakyReLU(0.2), nn.Linear(32, 1))
+
+    def training_step(self, batch, batch_idx):
+        critic_opt, generator_opt = self.optimizers()
+        fake = self.generator(torch.randn(len(batch[0]), 4))
+        critic_opt.zero_grad()
+        self.manual_backward(self.critic(fake.detach()).mean() - self.critic(batch[0]).mean())
+        critic_opt.step()
+        generator_opt.zero_grad()
+        self.manual_backward(-self.critic(fake).mean())
+        generator_opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.critic.parameters(), 1e-2), torch.optim.Adam(self.generator.parameters(), 1e-2)
+
+
+class RecordsAudits(KappaBudgetProjection):
+    def should_audit(self, step):
+        audit = super().should_audit(step)
+        self.audited = getattr(self, "audited", []) + [step] * audit
+        return audit
+
+
+@pytest.mark.parametrize("layers", [["critic"], ["critic.0", "critic.2"]], ids=["container", "layers"])
+def test_gan_critic_projected_after_its_own_steps(tmp_path, layers):
+    """``layers`` may name the critic itself, and the bound is the critic's: the generator's layers were listed as
+    uncertified. The generator's steps (even ones here) leave the critic as it was and are not projected: they were,
+    at the critic's cost; an audit due at one of them moves to the critic's next step (they all fell on the
+    generator's steps)."""
+    proj = RecordsAudits(max_lipschitz=0.5, layers=layers, audit_every_n_steps=4)
+    model = CriticGAN()
+    trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, max_epochs=2))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, loader(random_data(64, seed=1)))
+    assert not [w for w in caught if "does not project" in str(w.message)]
+    assert proj.scope == "critic" and set(proj.sigmas) == {"critic.0", "critic.2"}
+    assert trainer.global_step == 16 and proj.n_projections == 8 and proj.audited == [5, 9, 13]
+    norms = [dense_operator_norm(model.critic[i]) for i in (0, 2)]
+    assert all(norm <= proj._current_kappas[f"critic.{i}"] * (1 + 1e-3) for norm, i in zip(norms, (0, 2)))
+    assert math.prod(norms) <= 0.5 * (1 + 1e-2)
+
+
+def test_uncertified_layers_listed_within_the_scope(tmp_path):
+    """A module of the scope that the bound cannot certify is still listed, and nothing outside the scope is."""
+    proj = KappaBudgetProjection(max_lipschitz=0.5, layers=["critic.0", "critic.2"])
+    with pytest.warns(UserWarning, match=r"does not project 1 layer\(s\); the logged Lipschitz bound of 'critic'") as w:
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(CriticGAN(nn.GELU()), loader(random_data(32)))
+    (message,) = [str(x.message) for x in w if "does not project" in str(x.message)]
+    assert message.endswith(": critic.1 (GELU: Lipschitz constant 1.13).")
+
+
+@pytest.mark.parametrize(
+    ("layers", "scope"),
+    [(None, ""), (["critic"], "critic"), (["critic.0", "critic.2"], "critic"), (["critic.0", "generator.0"], "")],
+)
+def test_scope_is_the_innermost_module_holding_the_layers(layers, scope):
+    assert KappaBudgetProjection(max_lipschitz=1.0, layers=layers).scope == scope
 
 
 class StepsInsideAutocast(Classifier):
