@@ -13,7 +13,7 @@ KEYS: dict[str, str] = {
     "kappa/bound": "product of the per-layer operator norms after projection (float)",
     "hessian/lambda_max": "top eigenvalue of the loss Hessian (preconditioned for Adam & co.) (float)",
     "hessian/lambda_min": "bottom eigenvalue of the same operator (float)",
-    "hessian/eigenvector": "flat top eigenvector over the trainable parameters (tensor [P])",
+    "hessian/eigenvector": "flat top eigenvector over the trainable parameters the optimizer steps (tensor [P])",
     "hessian/residual": "Ritz residual bound of lambda_max (float)",
     "hessian/density": "SpectralDensity (SLQ nodes and weights) of the same operator, with density=True",
     "hessian/preconditioned": "whether the hessian/* values are of the optimizer's preconditioned Hessian (bool)",

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 from torchmetrics import Metric
 
-from lightning_lip.functional._stateless import LossFn
+from lightning_lip.functional._stateless import LossFn, trainable_parameters
 from lightning_lip.functional.batch import batch_tree
 from lightning_lip.functional.spectral import Operator, layer_operator, sample_shape
 
@@ -375,6 +375,17 @@ class LayerShapes:
         for handle in self._handles.values():
             handle.remove()
         self._handles = {}
+
+
+def stepped_parameters(pl_module: pl.LightningModule, optimizers: list[torch.optim.Optimizer]) -> dict[str, Tensor]:
+    """``{name: parameter}`` (detached) of the trainable parameters that ``optimizers`` step, the variables of their
+    updates (a backbone left out of the optimizer does not move, trainable or not); without optimizers, all."""
+    params = trainable_parameters(pl_module)
+    if not optimizers:
+        return params
+    held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    named = dict(pl_module.named_parameters())
+    return {name: p for name, p in params.items() if id(named[name]) in held}
 
 
 def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:

@@ -33,9 +33,9 @@ from lightning_lip.callbacks._common import (
     log_metrics,
     measurement_mode,
     module_loss,
+    stepped_parameters,
     write_tensorboard_layout,
 )
-from lightning_lip.functional._stateless import trainable_parameters
 from lightning_lip.functional.batch import batch_size, leading_sizes, slice_batch
 from lightning_lip.functional.noise import (
     centred,
@@ -67,9 +67,10 @@ class GradientNoiseEstimator(Callback):
     ``.item()`` in ``training_step``) the callback warns once and loops over the samples with plain ``torch.autograd``
     instead; if that fails too, it warns once and stops measuring, with the reasons in :attr:`failure`.
 
-    Noise statistics (all parameters): :math:`\mathrm{tr}\,\Sigma`, :math:`\|\bar g\|^2` (and its unbiased
-    version), the noise scale :math:`B_{noise}`, the top eigenvalues and effective rank of :math:`\Sigma`, and per
-    layer the gradient signal-to-noise ratio :math:`\|\bar g_l\|^2/\mathrm{tr}\,\Sigma_{B,l}`.
+    Noise statistics (over the trainable parameters that the optimizers step): :math:`\mathrm{tr}\,\Sigma`,
+    :math:`\|\bar g\|^2` (and its unbiased version), the noise scale :math:`B_{noise}`, the top eigenvalues and
+    effective rank of :math:`\Sigma`, and per layer the gradient signal-to-noise ratio
+    :math:`\|\bar g_l\|^2/\mathrm{tr}\,\Sigma_{B,l}`.
 
     Lipschitz dynamics (``nn.Linear`` and ``nn.ConvNd`` layers whose weight is itself a parameter; a parametrized
     one, as by weight normalization, is warned about once and left out): the step is the one the optimizer is about to
@@ -311,9 +312,9 @@ class GradientNoiseEstimator(Callback):
     ) -> dict[str, float] | None:
         """Per-sample gradients of ``batch``, noise statistics, and the Lipschitz dynamics of the step about to be
         taken (which averages ``step_batch`` samples); publish and return the metrics, or ``None`` if skipped."""
-        params = trainable_parameters(pl_module)
+        params = stepped_parameters(pl_module, trainer.optimizers)
         if not params:
-            self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
+            self._warn("no_params", f"{type(self).__name__}: no trainable parameter to measure; nothing to do.")
             return None
         self._warn_computed()
         self._attach_trained()

@@ -35,11 +35,12 @@ from lightning_lip.callbacks._common import (
     log_metrics,
     measurement_mode,
     module_loss,
+    stepped_parameters,
     tensorboard_writer,
     write_tensorboard_layout,
 )
 from lightning_lip.functional.batch import batch_size, batch_tree
-from lightning_lip.functional.hvp import hvp_operator, trainable_parameters
+from lightning_lip.functional.hvp import hvp_operator
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
 from lightning_lip.functional.stability import is_preconditioned, preconditioner, stability_threshold
 from lightning_lip.registry import LipRegistry
@@ -57,6 +58,8 @@ class HessianEigenMonitor(Callback):
     training samples seen, kept for the whole run; ``"current"``: the current batch), a double backward through
     ``functional_call`` on the unwrapped module, and runs Lanczos warm-started from the previous top eigenvector
     mixed with noise, cold every ``cold_every_n_runs`` runs so that a warm start cannot lock onto a stale direction.
+    The Hessian is over the trainable parameters that the (first) optimizer steps, the variables of its update map:
+    a backbone left out of the optimizer, trainable or not, does not move, and its curvature is not measured.
     For Adam, AdamW, Adamax, RMSprop and Adagrad the operator is the preconditioned Hessian :math:`P^{-1/2}HP^{-1/2}`
     that governs their stability, on the coordinates with a gradient
     (:func:`~lightning_lip.functional.stability.preconditioner`).
@@ -211,11 +214,11 @@ class HessianEigenMonitor(Callback):
         start = time.perf_counter()
         if any(is_lazy(p) for p in pl_module.parameters()):
             return None
-        params = trainable_parameters(pl_module)
-        if not params:
-            self._warn("no_params", f"{type(self).__name__}: the model has no trainable parameter; nothing to do.")
-            return None
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        params = stepped_parameters(pl_module, trainer.optimizers[:1])
+        if not params:
+            self._warn("no_params", f"{type(self).__name__}: no trainable parameter to measure; nothing to do.")
+            return None
         preconditioned = optimizer is not None and is_preconditioned(optimizer)
         scaling = None
         if preconditioned:

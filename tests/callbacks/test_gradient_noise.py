@@ -73,6 +73,24 @@ def test_statistics_equal_dense_covariance_of_a_per_sample_loop(tmp_path, arch):
     assert all(registry.get(f"noise/diffusion/{name}") >= 0 for name in layers)
 
 
+def test_statistics_cover_the_parameters_the_optimizer_steps(tmp_path):
+    """A head trained alone (only its parameters passed to SGD, the backbone still trainable): its update's noise is
+    the head's. The whole model's was measured, 1.4x the head's trace here."""
+    model = Classifier(mlp((8, 12, 4)))
+    model.make_optimizer = lambda params: torch.optim.SGD(model.net[2].parameters(), lr=0.1)
+    noise = LastBatch(every_n_steps=3, k=1)
+    fit(tmp_path, model, random_data(64, (8,)), [noise])
+    (x, y), params = noise.seen
+    ref = mlp((8, 12, 4))
+    ref.load_state_dict({k[len("net.") :]: v for k, v in params.items()})
+    grads = loop_grads(ref.double(), x.double(), y)
+    head = grads[:, -(12 * 4 + 4) :]  # the head's weight and bias come last
+    assert grads.var(0).sum() > 1.3 * head.var(0).sum()
+    assert noise.last["lip/noise/trace"] == pytest.approx(head.var(0).sum().item(), rel=1e-5)
+    assert noise.last["lip/noise/grad_norm_sq"] == pytest.approx(head.mean(0).square().sum().item(), rel=1e-5)
+    assert {k.rsplit("/", 1)[1] for k in noise.last if "/snr/" in k or "/drift/" in k} == {"net.2"}
+
+
 def test_weight_normalized_layer_has_statistics_and_snr_but_no_dynamics(tmp_path, recwarn):
     """The optimizer steps weight normalization's magnitude and direction, not the weight: that layer has no
     dynamics (warned once), but its gradients count in the statistics and in its SNR, against a per-sample loop."""

@@ -310,6 +310,24 @@ def test_frozen_and_unused_parameters(tmp_path):
     assert monitor.n_runs == 2 and math.isfinite(monitor.last["lip/hessian/lambda_max"])
 
 
+def test_the_hessian_is_over_the_parameters_the_optimizer_steps(tmp_path):
+    """A head fine-tuned alone, its parameters alone passed to SGD, the backbone still trainable: the update map moves
+    the head only, so its stability is the head's Hessian block. The whole model's Hessian was measured (Adam's
+    preconditioner already gave the backbone's coordinates 0)."""
+    torch.manual_seed(0)
+    model = Float64Classifier(mlp((8, 12, 12, 4)).double())
+    model.make_optimizer = lambda params: torch.optim.SGD(model.net[4].parameters(), lr=0.1)
+    monitor = HessianEigenMonitor(every_n_steps=2, max_iter=200, tol=1e-8, num_samples=32, converge_min=True)
+    fit(tmp_path, model, random_data(32, (8,)), [monitor])
+    xs, ys = probe_tensors(monitor)
+    whole = torch.linalg.eigvalsh(dense_hessian(model.net, F.cross_entropy, xs.double(), ys))
+    model.net[:4].requires_grad_(False)
+    head = torch.linalg.eigvalsh(dense_hessian(model.net, F.cross_entropy, xs.double(), ys))
+    assert whole[-1] > 1.3 * head[-1]
+    assert monitor.last["lip/hessian/lambda_max"] == pytest.approx(head[-1].item(), rel=1e-6)
+    assert monitor.last["lip/hessian/lambda_min"] == pytest.approx(head[0].item(), abs=1e-6 * head[-1].item())
+
+
 def test_resume_continues_exactly(tmp_path):
     data = random_data(64)
 
