@@ -30,6 +30,7 @@ from lightning_lip.callbacks._common import (
     check_fraction,
     check_int,
     check_loss_source,
+    held_parameters,
     log_metrics,
     measurement_mode,
     module_loss,
@@ -413,7 +414,7 @@ class GradientNoiseEstimator(Callback):
         step after the last measurement (see :meth:`_top_triplet`). Layers that ``optimizer`` does not hold (another
         optimizer's, with manual optimization) do not move in this step and are left out. The Trainer's gradient
         clipping enters the step as :func:`~lightning_lip.functional.stability.gradient_clipping` linearizes it."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        held = held_parameters([optimizer])
         clipping = _gradient_clipping(trainer, optimizer)
         per_layer = {}
         for name, (mean, omega) in weights.items():

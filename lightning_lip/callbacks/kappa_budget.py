@@ -32,6 +32,7 @@ from lightning_lip.callbacks._common import (
     check_choice,
     check_int,
     check_positive,
+    held_parameters,
     log_for_monitors,
     log_on_logger_steps,
     tensorboard_writer,
@@ -322,12 +323,11 @@ class KappaBudgetProjection(Callback):
         # A step post-hook fires only for real steps: not on accumulation micro-batches, not when AMP skips a step.
         # Not after another optimizer's step (a GAN's generator's, with the critic projected): the layers have not
         # moved. Until every layer has been measured once, after every step.
-        if self._sigmas.keys() != self._layers.keys() or self._holds_layers(optimizer):
+        if self._sigmas.keys() != self._layers.keys() or self._steps_a_layer(held_parameters([optimizer])):
             self.project(trainer, step=trainer.global_step + 1)
 
-    def _holds_layers(self, optimizer: Optimizer) -> bool:
-        """Whether ``optimizer`` steps the weight of a projected layer."""
-        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    def _steps_a_layer(self, held: set[int]) -> bool:
+        """Whether ``held`` (:func:`held_parameters`) holds the weight of a projected layer."""
         return any(id(p) in held for params in self._weight_params.values() for p in params)
 
     @torch.no_grad()
@@ -366,7 +366,8 @@ class KappaBudgetProjection(Callback):
                 for state in (self._sigmas, self._vectors, self._left_vectors):
                     state.pop(name, None)
                 self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
-        fixed = {name for name in sigmas if self._is_fixed(name)}
+        held = held_parameters(trainer.optimizers)
+        fixed = {name for name in sigmas if self._is_fixed(name, held)}
         for name in fixed:
             self._warn_fixed(name)
         kappas = absorb_fixed(self._checked_allocation(sigmas), sigmas, fixed)
@@ -394,14 +395,15 @@ class KappaBudgetProjection(Callback):
         last = self._sigmas.get(name, sigma)
         return sigma == 0 or sigma - sigma_prev > self.tol * sigma or abs(sigma - last) > math.sqrt(self.tol) * sigma
 
-    def _is_fixed(self, name: str) -> bool:
-        """Whether layer ``name`` cannot be rescaled: frozen, or its weight's parametrization does not take a
-        rescaled weight back (found at an earlier step)."""
-        return name in self._unscalable or not any(p.requires_grad for p in self._weight_params[name])
+    def _is_fixed(self, name: str, held: set[int]) -> bool:
+        """Whether layer ``name`` cannot be rescaled: frozen (no optimizer steps its weight with a gradient: a
+        backbone with ``requires_grad=False`` or left out of the optimizers), or its weight's parametrization does
+        not take a rescaled weight back (found at an earlier step)."""
+        return name in self._unscalable or not any(p.requires_grad and id(p) in held for p in self._weight_params[name])
 
     def _warn_fixed(self, name: str) -> None:
         reason = (
-            "is frozen"
+            "is frozen (`requires_grad=False`, or in no optimizer)"
             if name not in self._unscalable
             else "has a weight parametrization that does not take a rescaled weight"
         )

@@ -620,12 +620,17 @@ def test_nonfinite_layer_is_skipped_and_nothing_nan_is_written(tmp_path, step):
     assert trainer.logged_metrics["lip/kappa/n_skipped"].item() == 4 - step
 
 
+@pytest.mark.parametrize("frozen_by", ["requires_grad", "optimizer"])
 @pytest.mark.parametrize("policy", ["proportional", "uniform"])
-def test_frozen_layer_is_measured_not_projected_and_the_others_absorb_its_norm(tmp_path, policy):
+def test_frozen_layer_is_measured_not_projected_and_the_others_absorb_its_norm(tmp_path, policy, frozen_by):
     """A frozen layer (a pretrained backbone) keeps its weight; the trainable layers take up the part of the budget
-    it exceeds, so the bound holds from the first projection."""
+    it exceeds, so the bound holds from the first projection. A layer left out of the optimizer, though it requires
+    grad, is as frozen: it was rescaled."""
     model = Classifier(mlp(), lr=0.5)
-    model.net[0].requires_grad_(False)
+    if frozen_by == "requires_grad":
+        model.net[0].requires_grad_(False)
+    else:
+        model.make_optimizer = lambda params: torch.optim.SGD(model.net[2:].parameters(), lr=0.5)
     before = model.net[0].weight.clone()
     proj = KappaBudgetProjection(max_lipschitz=0.5, policy=policy)
     norms = DenseNorms(proj, {})
