@@ -87,10 +87,11 @@ class GradientNoiseEstimator(Callback):
     (top pair by Lanczos warm-started from the singular vectors a ``KappaBudgetProjection`` publishes, else from this
     callback's previous ones). For the network, the drift and standard deviation of :math:`\log\prod_l\sigma_l`.
 
-    One step after each measurement the callback predicts that step again with the new weights and optimizer state
-    but the previous batch's gradients, and compares with the observed change (weights read before any other step
-    post-hook, e.g. a projection). The z-score divides by :math:`\sqrt2 s`: the prediction's own mean estimate
-    carries one draw of the noise and the observed step another.
+    At the measured optimizer's next step (the next step, unless several optimizers take turns) the callback predicts
+    that step again with the new weights and optimizer state but the previous batch's gradients, and compares with
+    the observed change (weights read before any other step post-hook, e.g. a projection). The z-score divides by
+    :math:`\sqrt2 s`: the prediction's own mean estimate carries one draw of the noise and the observed step
+    another.
 
     Logged under ``lip/noise/``: ``trace``, ``grad_norm_sq``, ``grad_norm_sq_unbiased``, ``scale``,
     ``effective_rank``, ``eigenvalue_<i>``, ``snr/<layer>``, ``drift/<layer>``, ``diffusion/<layer>``,
@@ -166,6 +167,7 @@ class GradientNoiseEstimator(Callback):
         self.last: dict[str, float] = {}
         self._batch: Any = None
         self._sample: dict[str, tuple[Tensor, Tensor]] | None = None  # (mean, centred) kept for the next prediction
+        self._sample_optimizer = 0  # the index of the optimizer whose next step that is
         self._expected: dict[str, Any] | None = None
         self._pending: dict[str, float] = {}
         self._shapes = LayerShapes()
@@ -273,7 +275,8 @@ class GradientNoiseEstimator(Callback):
         if self._batch is None or self._stepped == (trainer.global_step, id(optimizer)):
             return  # LBFGS runs this hook with every evaluation of its closure: once a step
         self._stepped = (trainer.global_step, id(optimizer))
-        follow_up = self._sample is not None
+        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), -1)
+        follow_up = self._sample is not None and index == self._sample_optimizer  # that optimizer's next step
         due = self.failure is None and self.should_run(trainer.global_step + 1)
         if not (follow_up or due):
             return
@@ -390,6 +393,7 @@ class GradientNoiseEstimator(Callback):
             registry.publish("noise/log_lipschitz_std", metrics["lip/noise/log_lipschitz_std"], step)
         if self.predict:
             self._sample = weights
+            self._sample_optimizer = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), -1)
         return metrics
 
     def _gather(self, trainer: Trainer, flat: Tensor) -> Tensor:
@@ -565,6 +569,7 @@ class GradientNoiseEstimator(Callback):
             "n_runs": self.n_runs,
             "n_skipped": self.n_skipped,
             "sample": None if self._sample is None else {k: (m.cpu(), o.cpu()) for k, (m, o) in self._sample.items()},
+            "sample_optimizer": self._sample_optimizer,
             "vectors": {name: v.cpu() for name, v in self._vectors.items()},
             "generator": self._generator.get_state(),
             "budget": self._budget.state_dict(time.perf_counter()),
@@ -576,6 +581,7 @@ class GradientNoiseEstimator(Callback):
         self.n_runs = state_dict["n_runs"]
         self.n_skipped = state_dict["n_skipped"]
         self._sample = state_dict["sample"]
+        self._sample_optimizer = state_dict.get("sample_optimizer", 0)  # absent from checkpoints of 0.1
         self._vectors = dict(state_dict["vectors"])
         self._generator.set_state(state_dict["generator"])
         self._budget.load_state_dict(state_dict["budget"])

@@ -499,6 +499,55 @@ def test_two_optimizers_each_predict_the_layers_they_step(tmp_path, recwarn):
     assert not [w for w in recwarn if "step map" in str(w.message)]
 
 
+def test_an_adversarial_players_steps_are_followed_up_at_its_next_step(tmp_path):
+    """A GAN's critic measured alone (``lip_loss`` is its loss; ``should_run`` picks its steps, the odd ones): the
+    follow-up prediction and the observation wait for the critic's next step. They went to the generator's step in
+    between, which moves none of the critic's layers and predicted the generator's from the critic's loss: no z-score
+    for the critic, NaN for the generator."""
+
+    class GAN(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.automatic_optimization = False
+            self.generator, self.critic = mlp((4, 16, 8)), mlp((8, 16, 1))
+
+        def critic_loss(self, x):
+            fake = self.generator(torch.randn(len(x), 4)).detach()
+            return self.critic(fake).mean() - self.critic(x).mean()
+
+        def lip_loss(self, batch):
+            return self.critic_loss(batch[0])
+
+        def training_step(self, batch, batch_idx):
+            critic_opt, generator_opt = self.optimizers()
+            critic_opt.zero_grad()
+            self.manual_backward(self.critic_loss(batch[0]))
+            critic_opt.step()
+            generator_opt.zero_grad()
+            self.manual_backward(-self.critic(self.generator(torch.randn(len(batch[0]), 4))).mean())
+            generator_opt.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.critic.parameters(), lr=0.01), torch.optim.SGD(
+                self.generator.parameters(), 0.01
+            )
+
+    class CriticSteps(GradientNoiseEstimator):
+        def should_run(self, step):
+            return step % 4 == 1
+
+        def _observe(self, expected):
+            super()._observe(expected)
+            self.zscores.append({k.split("/")[-1]: v for k, v in self._pending.items() if "/zscore/" in k})
+
+    noise = CriticSteps(every_n_steps=1)
+    noise.zscores = []
+    torch.manual_seed(0)
+    fit(tmp_path, GAN(), random_data(64, (8,)), [noise], max_epochs=2)
+    assert noise.n_runs == 4 and len(noise.zscores) == 4
+    assert all(set(z) == {"critic.0", "critic.2"} and all(map(math.isfinite, z.values())) for z in noise.zscores)
+
+
 def test_resume_continues_exactly(tmp_path):
     data = random_data(64)
 
