@@ -275,8 +275,8 @@ class GradientNoiseEstimator(Callback):
         if self._batch is None or self._stepped == (trainer.global_step, id(optimizer)):
             return  # LBFGS runs this hook with every evaluation of its closure: once a step
         self._stepped = (trainer.global_step, id(optimizer))
-        index = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), -1)
-        follow_up = self._sample is not None and index == self._sample_optimizer  # that optimizer's next step
+        # the measured optimizer's next step
+        follow_up = self._sample is not None and _optimizer_index(trainer, optimizer) == self._sample_optimizer
         due = self.failure is None and self.should_run(trainer.global_step + 1)
         if not (follow_up or due):
             return
@@ -393,7 +393,7 @@ class GradientNoiseEstimator(Callback):
             registry.publish("noise/log_lipschitz_std", metrics["lip/noise/log_lipschitz_std"], step)
         if self.predict:
             self._sample = weights
-            self._sample_optimizer = next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), -1)
+            self._sample_optimizer = _optimizer_index(trainer, optimizer)
         return metrics
 
     def _gather(self, trainer: Trainer, flat: Tensor) -> Tensor:
@@ -605,6 +605,11 @@ def _trained(layer: nn.Module) -> bool:
     """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
     stepped = _stepped_weight(layer)
     return stepped[0].requires_grad if stepped is not None else any(p.requires_grad for p in layer.parameters())
+
+
+def _optimizer_index(trainer: Trainer, optimizer: torch.optim.Optimizer) -> int:
+    """The index of ``optimizer`` in ``trainer.optimizers`` (``-1`` if absent)."""
+    return next((i for i, o in enumerate(trainer.optimizers) if o is optimizer), -1)
 
 
 def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> dict[int, GradientMap]:
