@@ -383,14 +383,17 @@ def stepped_parameters(pl_module: pl.LightningModule, optimizers: list[torch.opt
     params = trainable_parameters(pl_module)
     if not optimizers:
         return params
-    held = held_parameters(optimizers)
+    held = held_parameters(optimizers, pl_module)
     named = dict(pl_module.named_parameters())
     return {name: p for name, p in params.items() if id(named[name]) in held}
 
 
-def held_parameters(optimizers: list[torch.optim.Optimizer]) -> set[int]:
-    """Identities of the parameters that ``optimizers`` step, from their current param groups."""
-    return {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+def held_parameters(optimizers: list[torch.optim.Optimizer], module: nn.Module) -> set[int]:
+    """Identities of the parameters of ``module`` that ``optimizers`` step, from their current param groups; all of
+    them where the optimizers hold none (a strategy whose optimizer steps copies of them)."""
+    held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+    own = {id(p) for p in module.parameters()}
+    return (held & own) or own
 
 
 def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:

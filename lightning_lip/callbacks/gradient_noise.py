@@ -418,7 +418,7 @@ class GradientNoiseEstimator(Callback):
         step after the last measurement (see :meth:`_top_triplet`). Layers that ``optimizer`` does not hold (another
         optimizer's, with manual optimization) do not move in this step and are left out. The Trainer's gradient
         clipping enters the step as :func:`~lightning_lip.functional.stability.gradient_clipping` linearizes it."""
-        held = held_parameters([optimizer])
+        held = held_parameters([optimizer], trainer.lightning_module)
         clipping = _gradient_clipping(trainer, optimizer)
         per_layer = {}
         for name, (mean, omega) in weights.items():

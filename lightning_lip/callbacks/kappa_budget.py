@@ -323,11 +323,12 @@ class KappaBudgetProjection(Callback):
         # A step post-hook fires only for real steps: not on accumulation micro-batches, not when AMP skips a step.
         # Not after another optimizer's step (a GAN's generator's, with the critic projected): the layers have not
         # moved. Until every layer has been measured once, after every step.
-        if self._sigmas.keys() != self._layers.keys() or self._steps_a_layer(held_parameters([optimizer])):
+        if self._sigmas.keys() != self._layers.keys() or self._steps_a_layer(optimizer, trainer.lightning_module):
             self.project(trainer, step=trainer.global_step + 1)
 
-    def _steps_a_layer(self, held: set[int]) -> bool:
-        """Whether ``held`` (:func:`held_parameters`) holds the weight of a projected layer."""
+    def _steps_a_layer(self, optimizer: Optimizer, pl_module: LightningModule) -> bool:
+        """Whether ``optimizer`` steps the weight of a projected layer."""
+        held = held_parameters([optimizer], pl_module)
         return any(id(p) in held for params in self._weight_params.values() for p in params)
 
     @torch.no_grad()
@@ -366,7 +367,7 @@ class KappaBudgetProjection(Callback):
                 for state in (self._sigmas, self._vectors, self._left_vectors):
                     state.pop(name, None)
                 self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
-        held = held_parameters(trainer.optimizers)
+        held = held_parameters(trainer.optimizers, trainer.lightning_module)
         fixed = {name for name in sigmas if self._is_fixed(name, held)}
         for name in fixed:
             self._warn_fixed(name)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lightning_lip.callbacks._common import Differentiation, WarnOnce, module_loss
+from lightning_lip.callbacks._common import Differentiation, WarnOnce, held_parameters, module_loss
 from lightning_lip.functional import per_sample_grads
 from tests.models import Classifier, mlp
 
@@ -67,3 +67,14 @@ def test_a_training_step_that_returns_no_loss_is_a_clear_error_in_either_engine(
     for autograd in (False, True):
         with pytest.raises(RuntimeError, match="`training_step` returned NoneType, not a loss tensor"):
             per_sample_grads(model, module_loss(model), batch, autograd=autograd)
+
+
+def test_held_parameters_are_the_modules_the_optimizers_step_or_all_where_they_step_copies():
+    """A head's optimizer holds the head's parameters; an optimizer over copies (a strategy that steps master
+    weights) holds none of the module's, and then every parameter counts as stepped rather than none."""
+    net = mlp()
+    head = torch.optim.SGD(net[4].parameters(), lr=0.1)
+    copies = torch.optim.SGD([p.detach().clone().requires_grad_() for p in net.parameters()], lr=0.1)
+    heads = {id(p) for p in net[4].parameters()}
+    assert held_parameters([head], net) == held_parameters([head, copies], net) == heads
+    assert held_parameters([copies], net) == {id(p) for p in net.parameters()}
