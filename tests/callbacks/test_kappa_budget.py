@@ -294,10 +294,10 @@ def test_resume_equals_uninterrupted(tmp_path):
         return Classifier(cnn(), lr=0.5, momentum=0.9)
 
     def cb():  # the first step after the resume (9) is tracked from the checkpointed vectors, not audited
-        return KappaBudgetProjection(max_lipschitz=0.8, audit_every_n_steps=5)
+        return RecordsAudits(max_lipschitz=0.8, audit_every_n_steps=5)
 
-    full = fresh()
-    Trainer(callbacks=[cb()], **trainer_kwargs(tmp_path / "a", max_epochs=4)).fit(full, loader(data))
+    full, uninterrupted = fresh(), cb()
+    Trainer(callbacks=[uninterrupted], **trainer_kwargs(tmp_path / "a", max_epochs=4)).fit(full, loader(data))
 
     half = fresh()
     first = cb()
@@ -314,6 +314,7 @@ def test_resume_equals_uninterrupted(tmp_path):
         resumed, loader(data), ckpt_path=ckpt
     )
     assert second.n_projections == 16
+    assert uninterrupted.audited == first.audited + second.audited == [5, 10, 15]
     for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), k
 
