@@ -108,9 +108,10 @@ class GradientNoiseEstimator(Callback):
             in ``(0, 1]``: a measurement is taken only if the callback's time so far plus the last measurement's
             cost (with its next-step prediction) stays within it. One measurement costs tens to hundreds of
             training steps on small models, mostly the convolutions' second-order terms.
-        layers: qualified names of the modules to report per layer (an alias too); default every ``nn.Linear`` and
-            ``nn.ConvNd`` (Lipschitz dynamics for those two kinds while their weight is trained, SNR for any module
-            with a weight).
+        layers: qualified names of the modules to report per layer (an alias too), or of modules without a weight
+            whose ``nn.Linear`` and ``nn.ConvNd`` layers are reported (a GAN's ``critic``); default every
+            ``nn.Linear`` and ``nn.ConvNd`` (Lipschitz dynamics for those two kinds while their weight is trained, SNR
+            for any module with a weight).
         chunk_size: samples per ``vmap`` chunk, bounding peak memory; ``None``: all at once.
         max_samples: at most this many samples of each batch (per rank), ``>= 2``.
         k: number of top eigenvalues of :math:`\Sigma` to report, ``>= 1``.
@@ -118,7 +119,8 @@ class GradientNoiseEstimator(Callback):
 
     Raises:
         ValueError: if an argument is out of range, at setup if the module optimizes manually without
-            ``lip_loss``, or at the start of fit if ``layers`` names a module the model lacks.
+            ``lip_loss``, or at the start of fit if ``layers`` names a module the model lacks or one with no weight
+            and no such layer inside.
 
     Example::
 
@@ -220,16 +222,27 @@ class GradientNoiseEstimator(Callback):
     def _attach(self, pl_module: LightningModule) -> None:
         """Find the layers and record their shapes: at the start of fit, after ``configure_model`` (which may create
         them). Frozen layers too: a layer unfrozen later (``BackboneFinetuning``) gets dynamics from then on."""
-        modules = dict(pl_module.named_modules(remove_duplicate=False))  # every name of a module: aliases too
-        if self.layers is not None:
-            absent = [n for n in self.layers if n not in modules or not hasattr(modules[n], "weight")]
-            if absent:
-                raise ValueError(f"`layers` names modules the model does not have (or without weight): {absent}.")
-            self._layers = {n: modules[n] for n in self.layers}
-        else:
-            self._layers = {n: m for n, m in pl_module.named_modules() if isinstance(m, _DYNAMICS_TYPES)}
+        self._layers = self._find_layers(pl_module)
         self._warn_computed()
         self._attach_trained()
+
+    def _find_layers(self, pl_module: LightningModule) -> dict[str, nn.Module]:
+        """``layers`` resolved: a module with a weight as named, another one as the ``nn.Linear`` and ``nn.ConvNd``
+        layers inside it (a GAN's ``critic``); by default those of the whole model."""
+        if self.layers is None:
+            return _dynamics_layers(pl_module)
+        modules = dict(pl_module.named_modules(remove_duplicate=False))  # every name of a module: aliases too
+        absent = [n for n in self.layers if n not in modules]
+        if absent:
+            raise ValueError(f"`layers` names modules the model does not have: {absent}.")
+        named = {
+            n: {n: modules[n]} if hasattr(modules[n], "weight") else _dynamics_layers(modules[n], f"{n}.")
+            for n in self.layers
+        }
+        empty = [n for n, layers in named.items() if not layers]
+        if empty:
+            raise ValueError(f"`layers` names modules with no weight and no Linear/ConvNd layer inside: {empty}.")
+        return {name: layer for layers in named.values() for name, layer in layers.items()}
 
     def _attach_trained(self) -> None:
         """Record the shapes of the trained convolutions, as they join, from the measurement that finds them trained
@@ -605,6 +618,11 @@ def _trained(layer: nn.Module) -> bool:
     """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
     stepped = _stepped_weight(layer)
     return stepped[0].requires_grad if stepped is not None else any(p.requires_grad for p in layer.parameters())
+
+
+def _dynamics_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:
+    """The ``nn.Linear`` and ``nn.ConvNd`` layers of ``module``, by qualified name after ``prefix``."""
+    return {prefix + name: m for name, m in module.named_modules() if isinstance(m, _DYNAMICS_TYPES)}
 
 
 def _optimizer_index(trainer: Trainer, optimizer: torch.optim.Optimizer) -> int:

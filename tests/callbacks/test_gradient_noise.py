@@ -500,7 +500,8 @@ def test_two_optimizers_each_predict_the_layers_they_step(tmp_path, recwarn):
 
 
 def test_an_adversarial_players_steps_are_followed_up_at_its_next_step(tmp_path):
-    """A GAN's critic measured alone (``lip_loss`` is its loss; ``should_run`` picks its steps, the odd ones): the
+    """A GAN's critic measured alone (``lip_loss`` is its loss, ``should_run`` picks its steps, the odd ones, and
+    ``layers`` names the critic, whose layers are reported; naming a module without a weight raised): the
     follow-up prediction and the observation wait for the critic's next step. They went to the generator's step in
     between, which moves none of the critic's layers and predicted the generator's from the critic's loss: no z-score
     for the critic, NaN for the generator."""
@@ -540,11 +541,12 @@ def test_an_adversarial_players_steps_are_followed_up_at_its_next_step(tmp_path)
             super()._observe(expected)
             self.zscores.append({k.split("/")[-1]: v for k, v in self._pending.items() if "/zscore/" in k})
 
-    noise = CriticSteps(every_n_steps=1)
+    noise = CriticSteps(every_n_steps=1, layers=["critic"])  # the critic's layers, as by name
     noise.zscores = []
     torch.manual_seed(0)
     fit(tmp_path, GAN(), random_data(64, (8,)), [noise], max_epochs=2)
     assert noise.n_runs == 4 and len(noise.zscores) == 4
+    assert {k.rsplit("/", 1)[1] for k in noise.last if "/snr/" in k or "/drift/" in k} == {"critic.0", "critic.2"}
     assert all(set(z) == {"critic.0", "critic.2"} and all(map(math.isfinite, z.values())) for z in noise.zscores)
 
 
@@ -596,9 +598,11 @@ def test_own_gradient_clipping_is_warned_once(tmp_path):
     assert sum("configure_gradient_clipping" in str(w.message) for w in record) == 1 and noise.n_runs == 3
 
 
-def test_unknown_layer_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="layers"):
-        fit(tmp_path, Classifier(mlp()), random_data(64), [GradientNoiseEstimator(layers=["net.9"])])
+@pytest.mark.parametrize(("name", "match"), [("net.9", "does not have: ..net.9"), ("net.1", "no weight.*net.1")])
+def test_unknown_layer_is_a_clear_error(tmp_path, name, match):
+    """An absent module, or one with neither a weight to report nor layers inside (a ReLU)."""
+    with pytest.raises(ValueError, match=f"`layers` names modules.*{match}"):
+        fit(tmp_path, Classifier(mlp()), random_data(64), [GradientNoiseEstimator(layers=[name])])
 
 
 @pytest.mark.slow
