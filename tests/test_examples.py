@@ -43,6 +43,16 @@ def test_custom_policy_and_edge_of_stability(tmp_path):
     assert "strict: λ_max" in out
 
 
+@pytest.mark.slow
+def test_wgan_critic_stays_within_its_certified_bound(tmp_path):
+    out = run_example(tmp_path, "wgan.py", "--max-epochs", "3")
+    rows = [line.split() for line in out.splitlines() if line.startswith("epoch")]
+    bounds = [float(row[row.index("bound") + 1]) for row in rows]
+    max_grads = [float(row[row.index("|grad|") + 1]) for row in rows]
+    assert len(rows) == 3 and max(bounds) > 0.999  # the budget binds
+    assert all(g <= b <= 1 + 1e-3 for g, b in zip(max_grads, bounds))  # the per-step guarantee; gradients below it
+
+
 def test_config_yaml_configures_all_four_callbacks(monkeypatch):
     from lightning.pytorch.cli import LightningCLI
 
