@@ -171,6 +171,8 @@ class GradientNoiseEstimator(Callback):
         self._sample: dict[str, tuple[Tensor, Tensor]] | None = None  # (mean, centred) kept for the next prediction
         self._sample_optimizer = 0  # the index of the optimizer whose next step that is
         self._expected: dict[str, Any] | None = None
+        self._n_backward = 0  # backward passes since the last optimizer step: the micro-batches of the next one
+        self._gradient_scale = 1.0  # the fraction of the mean gradient that step takes
         self._pending: dict[str, float] = {}
         self._shapes = LayerShapes()
         self._vectors: dict[str, Tensor] = {}  # conv layers' top right singular vectors, warm starts
@@ -296,7 +298,11 @@ class GradientNoiseEstimator(Callback):
         start = time.perf_counter()
         if trainer.world_size > 1:  # every rank's convolutions on the same, largest shapes: the same predictions
             self._shapes.all_reduce(self._layers, trainer.strategy)
-        step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size)
+        # Lightning divides each micro-batch's loss by `accumulate_grad_batches`; a step of fewer (an epoch's last,
+        # short window; a `training_step` that returned None) takes that fraction of the mean gradient.
+        micro_batches = min(max(self._n_backward, 1), trainer.accumulate_grad_batches)
+        self._gradient_scale = micro_batches / trainer.accumulate_grad_batches
+        step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size, micro_batches)
         if follow_up:
             self._expected = self._predict(trainer, optimizer, self._sample, step_batch, follow_up=True)
             self._sample = None
@@ -445,8 +451,9 @@ class GradientNoiseEstimator(Callback):
             if step is None:
                 self._warn("step_map", f"{type(self).__name__}: no linear step map for {type(optimizer).__name__}.")
                 return None
-            mean_step = step.offset.double() + step.gain.double() * mean.double()
-            noise = step.gain.double() * omega.double()
+            gain = step.gain.double() * self._gradient_scale
+            mean_step = step.offset.double() + gain * mean.double()
+            noise = gain * omega.double()
             if mask is not None:  # a pruned weight moves by the mask times its parameter's step
                 mean_step, noise = mean_step * mask, noise * mask
             weight = current_weight(layer).detach().double()
@@ -524,7 +531,12 @@ class GradientNoiseEstimator(Callback):
         self._vectors[name] = triplet.v.detach()
         return triplet.u, triplet.sigma, triplet.v
 
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self._n_backward += 1
+
     def _on_optimizer_step(self, trainer: Trainer, optimizer: Any, args: Any, kwargs: Any) -> None:
+        self._n_backward = 0
         if self._expected is None:
             return
         start = time.perf_counter()
@@ -641,15 +653,15 @@ def _gradient_clipping(trainer: Trainer, optimizer: torch.optim.Optimizer) -> di
     return {id(p): m for p, m in zip(params, maps)}
 
 
-def _effective_batch(trainer: Trainer, global_batch: int) -> float:
-    """Samples averaged by one step, :math:`B = ` ``global_batch`` x accumulated batches, corrected for sampling
+def _effective_batch(trainer: Trainer, global_batch: int, micro_batches: int) -> float:
+    """Samples averaged by one step, :math:`B = ` ``global_batch`` x ``micro_batches``, corrected for sampling
     without replacement from the training set when its size ``N`` is known: :math:`B(N-1)/(N-B)`.
 
     ``N`` is the length of the data set where the loader batches its samples; where it does not
     (``batch_size=None``: each item is a batch already, or a sampler yields the indices of a batch), ``N`` is the
     loader's length in batches times ``global_batch``.
     """
-    b = float(global_batch * trainer.accumulate_grad_batches)
+    b = float(global_batch * micro_batches)
     loader = trainer.train_dataloader
     try:
         n = len(loader.dataset) if loader.batch_sampler is not None else len(loader) * global_batch

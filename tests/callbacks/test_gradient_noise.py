@@ -395,6 +395,38 @@ def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     assert noise.step_batches == [pytest.approx(32 * 63 / (64 - 32))] * 2  # accumulated batch, without replacement
 
 
+@pytest.mark.parametrize("short", ["last-window", "skipped-micro-batch"])
+def test_a_step_of_fewer_micro_batches_is_predicted_as_the_fraction_of_the_gradient_it_takes(tmp_path, short):
+    """Lightning divides each micro-batch's loss by ``accumulate_grad_batches``, so a step of 3 micro-batches out of 4
+    (an epoch's last window; a ``training_step`` that returned None) moves the weights by 3/4 of the mean gradient's
+    step over 3 micro-batches: exactly the step of accumulating 3 at 3/4 of the LR. Both runs see the same weights,
+    the same last micro-batch and the same population, so they must predict the same; the short step was predicted as
+    a full one (4/3 of the drift, the noise of 4 micro-batches' samples)."""
+
+    class SkipsTheSecond(Classifier):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    def first_prediction(data, accumulate, lr, model_class=Classifier):
+        torch.manual_seed(0)
+        noise = GradientNoiseEstimator(every_n_steps=1)
+        fit(tmp_path, model_class(mlp(), lr=lr), data, [noise], max_steps=1, accumulate_grad_batches=accumulate)
+        return {k: v for k, v in noise.last.items() if "/drift/" in k or "/diffusion/" in k}
+
+    data = random_data(64)
+    if short == "last-window":  # the epoch (the whole data set) ends after 3 micro-batches: no noise
+        data = torch.utils.data.Subset(data, range(48))
+        short_step, reference = first_prediction(data, 4, 0.3), first_prediction(data, 3, 0.3 * 3 / 4)
+    else:  # 4 batches, the second skipped; the reference steps on the other 3 first, from the same population
+        order = [*range(16), *range(32, 64), *range(16, 32)]
+        short_step = first_prediction(data, 4, 0.3, SkipsTheSecond)
+        reference = first_prediction(torch.utils.data.Subset(data, order), 3, 0.3 * 3 / 4)
+    assert short_step.keys() == reference.keys()
+    assert all(v != 0 for k, v in reference.items() if short != "last-window" or "/drift/" in k)
+    for key, value in reference.items():
+        assert short_step[key] == pytest.approx(value, rel=1e-6), key
+
+
 @pytest.mark.parametrize("kind", ["items-are-batches", "sampler-of-batches"])
 def test_loaders_that_do_not_batch_count_the_samples_of_their_batches(tmp_path, kind):
     """With ``batch_size=None`` the data set's items are batches (or a sampler yields a batch's indices): ``N`` is
