@@ -177,8 +177,10 @@ class HessianEigenMonitor(Callback):
         return self._generate_state_key(every_n_steps=self.every_n_steps, data=self.data, bn_mode=self.bn_mode)
 
     def should_run(self, step: int) -> bool:
-        """Whether to measure after optimizer step ``step`` (1-based)."""
-        return step % self.every_n_steps == 0
+        """Whether to measure after the batch that ended at optimizer step ``step`` (1-based): once every
+        ``every_n_steps`` steps, at the first batch end at or after each multiple (a batch can take several steps:
+        a GAN's two optimizers)."""
+        return step // self.every_n_steps > self._last_step // self.every_n_steps
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

@@ -328,6 +328,38 @@ def test_the_hessian_is_over_the_parameters_the_optimizer_steps(tmp_path):
     assert monitor.last["lip/hessian/lambda_min"] == pytest.approx(head[0].item(), abs=1e-6 * head[-1].item())
 
 
+def test_cadence_counts_optimizer_steps_when_a_batch_takes_several(tmp_path):
+    """Two optimizers stepping on every batch (manual optimization, a GAN's pattern): the optimizer step advances by 2
+    a batch, so ``every_n_steps=3`` measures at the first batch end at or after each multiple of 3. Only the batches
+    ending on a multiple of 3 (steps 6 and 12 of 12) were measured: every 6 steps."""
+
+    class TwoOptimizers(Classifier):
+        def __init__(self):
+            super().__init__(mlp())
+            self.automatic_optimization = False
+
+        def lip_loss(self, batch):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def training_step(self, batch, batch_idx):
+            for optimizer in self.optimizers():
+                optimizer.zero_grad()
+                self.manual_backward(self.lip_loss(batch))
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[i].parameters(), lr=0.1) for i in (0, 2)]
+
+    class Steps(HessianEigenMonitor):
+        def measure(self, trainer, pl_module, probe):
+            self.steps = getattr(self, "steps", []) + [trainer.global_step]
+            return super().measure(trainer, pl_module, probe)
+
+    monitor = Steps(every_n_steps=3)
+    trainer = fit(tmp_path, TwoOptimizers(), random_data(96), [monitor])
+    assert trainer.global_step == 12 and monitor.steps == [4, 6, 10, 12]
+
+
 def test_resume_continues_exactly(tmp_path):
     data = random_data(64)
 
