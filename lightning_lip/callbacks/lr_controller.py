@@ -377,7 +377,10 @@ class CurvatureLRController(Callback):
         # Once a step: LBFGS runs this hook with every evaluation of its closure. It comes after the step pre-hook
         # (the closure runs inside `optimizer.step`), or before it where a GradScaler steps the optimizer after the
         # closure (precision="16-mixed"): then the pre-hook applies what it finds here.
-        if optimizer is not trainer.optimizers[0] or not self.states or self._loss_step == trainer.global_step:
+        if optimizer is not trainer.optimizers[0]:  # another optimizer's loss (a GAN's other player): not ours
+            self._loss_finite, self._step_loss, self._n_losses = True, 0.0, 0
+            return
+        if not self.states or self._loss_step == trainer.global_step:
             return
         self._loss_step = trainer.global_step
         # Lightning divides each micro-batch's loss by `accumulate_grad_batches`; a step with fewer micro-batches (a

@@ -502,6 +502,44 @@ def test_a_step_with_fewer_micro_batches_reads_the_mean_of_those_it_has(tmp_path
     assert controller.loss_ema == pytest.approx(mean, rel=1e-6)
 
 
+def test_the_loss_read_is_the_controlled_optimizers_own(tmp_path):
+    """Two optimizers stepping in turn on every batch (manual optimization, a GAN's pattern), the second on a loss
+    100x larger: the controller, which controls the first, reads the first's loss alone. It read the mean of the
+    second's loss of the last batch and the first's: the ``spike_factor`` saw the average jump, and the LR was cut."""
+
+    class TwoPlayers(Classifier):
+        def __init__(self):
+            super().__init__(mlp(), lr=0.01)
+            self.automatic_optimization = False
+            self.losses = []
+
+        def lip_loss(self, batch):
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def training_step(self, batch, batch_idx):
+            first, second = self.optimizers()
+            for optimizer, scale in ((first, 1.0), (second, 100.0)):
+                loss = scale * self.lip_loss(batch)
+                if optimizer is first:
+                    self.losses.append(loss.item())
+                optimizer.zero_grad()
+                self.manual_backward(loss)
+                optimizer.step()
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.net[i].parameters(), lr=0.01) for i in (0, 4)]
+
+    controller = CurvatureLRController()
+    model = TwoPlayers()
+    with pytest.warns(UserWarning, match="controls the first optimizer only"):
+        fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller])
+    average = model.losses[0]
+    for loss in model.losses[1:]:
+        average = controller.LOSS_EMA_DECAY * average + (1 - controller.LOSS_EMA_DECAY) * loss
+    assert len(model.losses) == 4 and controller.n_spikes == 0
+    assert controller.loss_ema == pytest.approx(average, rel=1e-6)
+
+
 def test_a_negative_loss_warns_once_and_holds_the_bound(tmp_path):
     controller = CurvatureLRController(margin=0.5)
     recorder = BoundRecorder(400.0, controller)
