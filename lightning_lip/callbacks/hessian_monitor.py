@@ -193,6 +193,11 @@ class HessianEigenMonitor(Callback):
         write_tensorboard_layout(trainer)
 
     @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A new Trainer continuing the same module without a checkpoint counts its steps from 0 again.
+        self._last_step = min(self._last_step, trainer.global_step)
+
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -251,6 +251,11 @@ class KappaBudgetProjection(Callback):
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
 
+    @override
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # A new Trainer continuing the same module without a checkpoint counts its steps from 0 again.
+        self._last_step = min(self._last_step, trainer.global_step)
+
     def _attach(self, pl_module: LightningModule) -> None:
         """Find the layers and record their shapes: at the start of fit, after ``configure_model`` (which may create
         them)."""

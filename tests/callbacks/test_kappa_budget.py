@@ -319,6 +319,15 @@ def test_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(a, b), k
 
 
+def test_a_second_fit_of_the_same_module_audits_on_its_own_steps(tmp_path):
+    """A new Trainer continuing the same module without a checkpoint counts its steps from 0 again: it audits every
+    step, as asked. Its first step was not audited (the last projection's step, 4, carried over from the first fit)."""
+    model, proj = Classifier(mlp(), lr=0.1), RecordsAudits(max_lipschitz=0.5, audit_every_n_steps=1)
+    for fit_number in (1, 2):
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+        assert proj.n_projections == 4 * fit_number and proj.audited == [1, 2, 3, 4] * fit_number
+
+
 def test_resume_from_a_state_without_left_vectors(tmp_path):
     """A checkpoint written before the left singular vectors were kept: the first step after the resume takes a
     full power iteration from the right vectors, then the alternation continues, within the budget."""
