@@ -89,6 +89,14 @@ def _has_stepped(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> boo
     return key in state and float(state["step"]) > 0
 
 
+def _initial_state(p: Tensor, group: dict[str, Any]) -> dict[str, Any]:
+    """The state a :data:`PRECONDITIONED` optimizer's first step starts from (torch creates it in that step): zero
+    moments, Adagrad's accumulator at ``initial_accumulator_value``."""
+    zeros = torch.zeros_like(p)
+    moments = dict.fromkeys(("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg", "grad_avg"), zeros)
+    return {"step": 0.0, "sum": torch.full_like(p, group.get("initial_accumulator_value", 0.0))} | moments
+
+
 def _denominator(
     optimizer: torch.optim.Optimizer, state: dict[str, Any], group: dict[str, Any], grad: Tensor | None = None
 ) -> Tensor:
@@ -169,8 +177,9 @@ def linear_step(
     Exact for SGD in all its forms (momentum, dampening, Nesterov, weight decay) given the current momentum buffer.
     The :data:`PRECONDITIONED` optimizers (Adam, AdamW, Adamax, RMSprop, Adagrad) are affine in ``g`` only with
     their preconditioner frozen: at the value the step computes from ``grad`` (then exact at ``g = grad``,
-    linearized around it), else at its current value. ``None`` before their first step, for ``maximize=True``, for
-    other optimizers and for parameters the optimizer does not hold.
+    linearized around it; before their first step from the zero moments that step starts from), else at its current
+    value (``None`` before their first step). ``None`` for ``maximize=True``, for other optimizers and for parameters
+    the optimizer does not hold.
 
     ``clip`` is what happens to the gradient between backward and the step, :math:`g \mapsto a \odot g + b` (gradient
     clipping, see :func:`gradient_clipping`): the optimizer then steps with :math:`a \odot g + b`, and the returned
@@ -201,8 +210,12 @@ def _linear_step(
         else:
             a, carried = 1.0 - damp, beta * buf
         return LinearStep(-lr * (carried + a * wd * p), torch.tensor(-lr * a, dtype=p.dtype, device=p.device))
-    if not isinstance(optimizer, PRECONDITIONED) or not _has_stepped(optimizer, state):
+    if not isinstance(optimizer, PRECONDITIONED):
         return None
+    if not _has_stepped(optimizer, state):
+        if grad is None:  # no preconditioner yet, and none to compute for the first step
+            return None
+        state = state or _initial_state(p, group)
     decoupled = isinstance(optimizer, torch.optim.AdamW) or group.get("decoupled_weight_decay", False)
     coupled_wd = 0.0 if decoupled else wd
     grad = None if grad is None else grad + coupled_wd * p

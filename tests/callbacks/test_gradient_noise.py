@@ -395,6 +395,16 @@ def test_adam_momentum_frozen_parameters_and_accumulation(tmp_path):
     assert noise.step_batches == [pytest.approx(32 * 63 / (64 - 32))] * 2  # accumulated batch, without replacement
 
 
+def test_adams_first_step_is_predicted(tmp_path, recwarn):
+    """Adam's first step, from the zero moments torch creates in it, has a step map (tested against the real step in
+    tests/functional/test_stability.py): it was warned about as "no linear step map for Adam" and not predicted."""
+    noise = GradientNoiseEstimator(every_n_steps=1)
+    model = Classifier(mlp(), optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+    fit(tmp_path, model, random_data(64), [noise], max_steps=1)
+    assert not [w for w in recwarn if "no linear step map" in str(w.message)]
+    assert {k for k in noise.last if "/drift/" in k} == {f"lip/noise/drift/net.{i}" for i in (0, 2, 4)}
+
+
 @pytest.mark.parametrize("short", ["last-window", "skipped-micro-batch"])
 def test_a_step_of_fewer_micro_batches_is_predicted_as_the_fraction_of_the_gradient_it_takes(tmp_path, short):
     """Lightning divides each micro-batch's loss by ``accumulate_grad_batches``, so a step of 3 micro-batches out of 4
