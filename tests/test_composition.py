@@ -809,6 +809,23 @@ def test_ddp_spawn_pickles_the_callbacks_and_trains_as_ddp_fork(tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_gan_with_all_four_takes_identical_decisions_on_both_ranks(tmp_path):
+    """Two optimizers in turn on every batch: the projection follows the critic's steps only (8 of 16), the estimator
+    follows each of its measurements up at the critic's next step (4 z-score pairs), and both ranks end with the same
+    weights, z-scores and LR."""
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_gan.py", tmp_path)
+    assert rank0["global_step"] == 16 and rank0["n_projections"] == rank1["n_projections"] == 8
+    for key in rank0["params"]:
+        assert torch.equal(rank0["params"][key], rank1["params"][key]), key
+    assert rank0["bound"] == rank1["bound"] <= 1 + 1e-2
+    assert len(rank0["zscores"]) == 4 and rank0["zscores"] == rank1["zscores"]
+    assert all(len(z) == 2 and all(map(math.isfinite, z.values())) for z in rank0["zscores"])
+    assert (rank0["lr"], rank0["throttle"]) == (rank1["lr"], rank1["throttle"])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", [(), ("weight_norm",)], ids=["plain", "weight_norm"])
 def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path, variant):
     from tests.ddp import run_ddp
