@@ -142,6 +142,33 @@ class Classifier(LightningModule):
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
 
+class GAN(LightningModule):
+    """A Wasserstein GAN by manual optimization on 8-d samples: each batch steps the critic, then the generator, by
+    their own optimizers (the critic's first); ``lip_loss`` is the critic's loss."""
+
+    def __init__(self, critic_activation: nn.Module | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        self.generator = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+        self.critic = nn.Sequential(nn.Linear(8, 32), critic_activation or nn.LeakyReLU(0.2), nn.Linear(32, 1))
+
+    def lip_loss(self, batch):
+        fake = self.generator(torch.randn(len(batch[0]), 4)).detach()
+        return self.critic(fake).mean() - self.critic(batch[0]).mean()
+
+    def training_step(self, batch, batch_idx):
+        critic_opt, generator_opt = self.optimizers()
+        critic_opt.zero_grad()
+        self.manual_backward(self.lip_loss(batch))
+        critic_opt.step()
+        generator_opt.zero_grad()
+        self.manual_backward(-self.critic(self.generator(torch.randn(len(batch[0]), 4))).mean())
+        generator_opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.critic.parameters(), 1e-2), torch.optim.Adam(self.generator.parameters(), 1e-2)
+
+
 class Finetuned(Classifier):
     """``backbone`` is ``net[0]``, as ``BackboneFinetuning`` asks: it freezes it at setup and adds it to the optimizer
     as a param group when it unfreezes it."""

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import TimeBudget
-from tests.models import Classifier, Finetuned, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import GAN, Classifier, Finetuned, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
 from tests.reference import dense_operator_norm
 
 
@@ -547,33 +547,6 @@ def test_an_adversarial_players_steps_are_followed_up_at_its_next_step(tmp_path)
     follow-up prediction and the observation wait for the critic's next step. They went to the generator's step in
     between, which moves none of the critic's layers and predicted the generator's from the critic's loss: no z-score
     for the critic, NaN for the generator."""
-
-    class GAN(LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.automatic_optimization = False
-            self.generator, self.critic = mlp((4, 16, 8)), mlp((8, 16, 1))
-
-        def critic_loss(self, x):
-            fake = self.generator(torch.randn(len(x), 4)).detach()
-            return self.critic(fake).mean() - self.critic(x).mean()
-
-        def lip_loss(self, batch):
-            return self.critic_loss(batch[0])
-
-        def training_step(self, batch, batch_idx):
-            critic_opt, generator_opt = self.optimizers()
-            critic_opt.zero_grad()
-            self.manual_backward(self.critic_loss(batch[0]))
-            critic_opt.step()
-            generator_opt.zero_grad()
-            self.manual_backward(-self.critic(self.generator(torch.randn(len(batch[0]), 4))).mean())
-            generator_opt.step()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.critic.parameters(), lr=0.01), torch.optim.SGD(
-                self.generator.parameters(), 0.01
-            )
 
     class CriticSteps(GradientNoiseEstimator):
         def should_run(self, step):

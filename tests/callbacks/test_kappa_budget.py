@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
@@ -14,6 +14,7 @@ from lightning_lip.callbacks._common import LayerShapes
 from lightning_lip.callbacks.kappa_budget import _gain_above_one
 from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, random_start
 from tests.models import (
+    GAN,
     BuiltInConfigureModel,
     Classifier,
     Finetuned,
@@ -150,30 +151,6 @@ def test_skipped_optimizer_steps_are_not_projected(tmp_path):
     assert proj.n_projections == 3
 
 
-class CriticGAN(LightningModule):
-    """A Wasserstein GAN by manual optimization: each batch steps the critic, then the generator, by their own
-    optimizers. The projection keeps the critic Lipschitz, the constraint weight clipping approximates."""
-
-    def __init__(self, activation: nn.Module | None = None):
-        super().__init__()
-        self.automatic_optimization = False
-        self.generator = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Linear(32, 16))
-        self.critic = nn.Sequential(nn.Linear(16, 32), activation or nn.LeakyReLU(0.2), nn.Linear(32, 1))
-
-    def training_step(self, batch, batch_idx):
-        critic_opt, generator_opt = self.optimizers()
-        fake = self.generator(torch.randn(len(batch[0]), 4))
-        critic_opt.zero_grad()
-        self.manual_backward(self.critic(fake.detach()).mean() - self.critic(batch[0]).mean())
-        critic_opt.step()
-        generator_opt.zero_grad()
-        self.manual_backward(-self.critic(fake).mean())
-        generator_opt.step()
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.critic.parameters(), 1e-2), torch.optim.Adam(self.generator.parameters(), 1e-2)
-
-
 class RecordsAudits(KappaBudgetProjection):
     def should_audit(self, step):
         audit = super().should_audit(step)
@@ -188,11 +165,11 @@ def test_gan_critic_projected_after_its_own_steps(tmp_path, layers):
     at the critic's cost; an audit due at one of them moves to the critic's next step (they all fell on the
     generator's steps)."""
     proj = RecordsAudits(max_lipschitz=0.5, layers=layers, audit_every_n_steps=4)
-    model = CriticGAN()
+    model = GAN()
     trainer = Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, max_epochs=2))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        trainer.fit(model, loader(random_data(64, seed=1)))
+        trainer.fit(model, loader(random_data(64, (8,), seed=1)))
     assert not [w for w in caught if "does not project" in str(w.message)]
     assert proj.scope == "critic" and set(proj.sigmas) == {"critic.0", "critic.2"}
     assert trainer.global_step == 16 and proj.n_projections == 8 and proj.audited == [5, 9, 13]
@@ -205,7 +182,7 @@ def test_uncertified_layers_listed_within_the_scope(tmp_path):
     """A module of the scope that the bound cannot certify is still listed, and nothing outside the scope is."""
     proj = KappaBudgetProjection(max_lipschitz=0.5, layers=["critic.0", "critic.2"])
     with pytest.warns(UserWarning, match=r"does not project 1 layer\(s\); the logged Lipschitz bound of 'critic'") as w:
-        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(CriticGAN(nn.GELU()), loader(random_data(32)))
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path)).fit(GAN(nn.GELU()), loader(random_data(32, (8,))))
     (message,) = [str(x.message) for x in w if "does not project" in str(x.message)]
     assert message.endswith(": critic.1 (GELU: Lipschitz constant 1.13).")
 

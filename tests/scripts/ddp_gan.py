@@ -5,34 +5,11 @@ Each rank saves its weights, the counts and the z-scores."""
 import sys
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Trainer
 
 from lightning_lip import CurvatureLRController, GradientNoiseEstimator, HessianEigenMonitor, KappaBudgetProjection
 from tests.ddp import ddp_trainer_kwargs, save_rank
-from tests.models import loader, mlp, random_data
-
-
-class GAN(LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.automatic_optimization = False
-        self.generator, self.critic = mlp((4, 16, 8)), mlp((8, 32, 1))
-
-    def lip_loss(self, batch):
-        fake = self.generator(torch.randn(len(batch[0]), 4)).detach()
-        return self.critic(fake).mean() - self.critic(batch[0]).mean()
-
-    def training_step(self, batch, batch_idx):
-        critic_opt, generator_opt = self.optimizers()
-        critic_opt.zero_grad()
-        self.manual_backward(self.lip_loss(batch))
-        critic_opt.step()
-        generator_opt.zero_grad()
-        self.manual_backward(-self.critic(self.generator(torch.randn(len(batch[0]), 4))).mean())
-        generator_opt.step()
-
-    def configure_optimizers(self):
-        return torch.optim.Adam(self.critic.parameters(), 1e-2), torch.optim.Adam(self.generator.parameters(), 1e-2)
+from tests.models import GAN, loader, random_data
 
 
 class CriticSteps(GradientNoiseEstimator):
