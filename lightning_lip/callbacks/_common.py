@@ -377,6 +377,70 @@ class LayerShapes:
         self._handles = {}
 
 
+class ApplicationCounter:
+    """How often each layer's weight is applied while a training step computes its loss, per call of the modules that
+    contain the layer (per step where ``training_step`` calls none of them): forward hooks from :meth:`start` to
+    :meth:`stop`, then removed, so that they cost nothing after that step. A layer applied more often than the module
+    around it is shared across depth or time (a block in a loop), or tied to another layer; a network called twice (on
+    two views of a batch, a critic on real and generated samples) is not."""
+
+    def __init__(self) -> None:
+        self.counts: dict[int, int] = {}
+        self._groups: dict[str, tuple[list[nn.Module], list[nn.Module]]] = {}
+        self._root = 0
+        self._handles: list[Any] = []
+
+    def start(self, root: nn.Module, groups: dict[str, list[nn.Module]]) -> None:
+        """Count from now on the calls of each name's modules (a layer and the layers tied to it) and of the modules
+        of ``root`` that contain them."""
+        self.remove()
+        modules = dict(root.named_modules(remove_duplicate=False))  # aliases too
+        names: dict[int, list[str]] = {}
+        for name, module in modules.items():
+            names.setdefault(id(module), []).append(name)
+        self._groups = {
+            key: (
+                group,
+                [
+                    modules[".".join(n.split(".")[:i])]
+                    for m in group
+                    for n in names[id(m)]
+                    for i in range(n.count(".") + 1)
+                ],
+            )
+            for key, group in groups.items()
+        }
+        self._root = id(root)
+        hooked = {id(m): m for group, enclosing in self._groups.values() for m in group + enclosing}
+        self.counts = dict.fromkeys(hooked, 0)
+        self._handles = [m.register_forward_hook(partial(self._count, key)) for key, m in hooked.items()]
+
+    def _count(self, key: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        self.counts[key] += 1
+
+    @property
+    def counting(self) -> bool:
+        return bool(self._handles)
+
+    def stop(self) -> dict[str, float]:
+        """Remove the hooks; return ``{name: applications / calls}`` of the layers applied more often than the
+        module around them that was called least (and at least once), or than ``root``, or than once."""
+        self.remove()
+        repeated = {}
+        for key, (group, enclosing) in self._groups.items():
+            applied = sum(self.counts[id(m)] for m in group)
+            inner = [n for m in enclosing if id(m) != self._root and (n := self.counts[id(m)]) > 0]
+            calls = min(inner) if inner else max(self.counts[self._root], 1)
+            if calls < applied:
+                repeated[key] = applied / calls
+        return repeated
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def stepped_parameters(pl_module: pl.LightningModule, optimizers: list[torch.optim.Optimizer]) -> dict[str, Tensor]:
     """``{name: parameter}`` (detached) of the trainable parameters that ``optimizers`` step, the variables of their
     updates (a backbone left out of the optimizer does not move, trainable or not); without optimizers, all."""

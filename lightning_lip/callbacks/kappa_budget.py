@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
+    ApplicationCounter,
     BoundModule,
     LayerShapes,
     SpawnSafeGenerator,
@@ -86,7 +87,8 @@ class KappaBudgetProjection(Callback):
     and groups included; with zero padding it bounds the norm at every smaller size), not that of the reshaped kernel.
     Every ``audit_every_n_steps`` steps, and whenever a layer starts cold, the norm is measured tightly by Lanczos
     instead. Layers that cannot be certified (attention, normalization, embeddings, ...) are listed once in a
-    warning: the logged bound assumes them 1-Lipschitz.
+    warning: the logged bound assumes them 1-Lipschitz. So are the layers that the first training step applies
+    several times per call of the module around them (a block in a loop, tied layers): the bound counts each once.
     A parametrized weight (weight normalization) is rescaled through its parametrization's ``right_inverse``. Layers
     that cannot be rescaled (frozen, or a parametrization that does not take a rescaled weight, such as
     ``spectral_norm``'s) keep their norm, warned once; the factor by which they exceed their budgets is taken from the
@@ -186,6 +188,8 @@ class KappaBudgetProjection(Callback):
         self._layers: dict[str, nn.Module] = {}
         self._weight_params: dict[str, list[Tensor]] = {}
         self._handles: list[Any] = []
+        self._applications = ApplicationCounter()
+        self._count_applications = False
         self._module = BoundModule()
         self._start_afresh()
 
@@ -247,6 +251,7 @@ class KappaBudgetProjection(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._attach(pl_module)
+        self._count_applications = True
         write_tensorboard_layout(trainer)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
@@ -255,6 +260,43 @@ class KappaBudgetProjection(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A new Trainer continuing the same module without a checkpoint counts its steps from 0 again.
         self._last_step = min(self._last_step, trainer.global_step)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._count_applications:  # the first training step of this fit
+            self._count_applications = False
+            self._applications.start(pl_module, self._tied_groups(pl_module))
+
+    @override
+    def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
+        self._warn_repeated()
+
+    def _tied_groups(self, pl_module: LightningModule) -> dict[str, list[nn.Module]]:
+        """``{layer: [modules]}``: each projected layer with the layers tied to it (their weight is the same)."""
+        names = {_weight_source(layer): name for name, layer in self._layers.items()}
+        groups: dict[str, list[nn.Module]] = {name: [] for name in self._layers}
+        for module in pl_module.modules():
+            if is_supported(module) and _weight_is_stored(module) and _weight_source(module) in names:
+                groups[names[_weight_source(module)]].append(module)
+        return groups
+
+    def _warn_repeated(self) -> None:
+        """After the first training step's forward passes: warn about the layers whose weight they applied several times
+        per call of the module around it (see :class:`ApplicationCounter`)."""
+        if not self._applications.counting:
+            return
+        repeated = self._applications.stop()
+        if repeated:
+            of = f" of {self.scope!r}" if self.scope else ""
+            listed = ", ".join(f"{name} ({ratio:.3g}x)" for name, ratio in repeated.items())
+            message = (
+                f"{type(self).__name__}: the first training step applied the weight of {len(repeated)} layer(s) "
+                f"several times per call of the module around it (shared across depth or time, or tied): {listed}. "
+                f"The logged bound{of} counts each layer once; a layer applied k times in a chain enters the network's "
+                "Lipschitz constant as sigma^k: where such a layer's norm exceeds 1, the logged bound does not hold."
+            )
+            self._warn("repeated", message)
+            log.info(message)
 
     def _attach(self, pl_module: LightningModule) -> None:
         """Find the layers and record their shapes: at the start of fit, after ``configure_model`` (which may create
@@ -524,6 +566,7 @@ class KappaBudgetProjection(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._warn_repeated()  # a step without backward (`training_step` returned None)
         pending, self._pending = self._pending, None
         if pending is None or not log_on_logger_steps(trainer, pl_module, pending):
             return
@@ -573,6 +616,7 @@ class KappaBudgetProjection(Callback):
             handle.remove()
         self._handles = []
         self._shapes.remove()
+        self._applications.remove()
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -536,6 +536,81 @@ def test_uncertified_layers_warned_once_and_tied_weights_projected_once(tmp_path
     assert set(proj.sigmas) == {"net.5", "tied_a"}
 
 
+class Looped(nn.Module):
+    """``head(block(block(block(inp(x)))))`` on ``[B, 8]``, linear (no activation), every weight orthogonal times
+    ``scale``: the gain is ``scale ** 5``, the product of the four layer norms ``scale ** 3``."""
+
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.inp, self.block, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        for layer in (self.inp, self.block, self.head):
+            nn.init.orthogonal_(layer.weight, gain=scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        for _ in range(3):
+            x = self.block(x)
+        return self.head(x)
+
+
+class TwoViews(Classifier):
+    """Calls its network twice a step, on two views of the batch: no layer is applied twice per call."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return super().training_step((torch.cat([x, x.flip(1)]), torch.cat([y, y])), batch_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(half) for half in x.chunk(2)])
+
+
+class HookCount(Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == 1:
+            self.hooks = sum(len(m._forward_hooks) for m in pl_module.modules())
+
+
+@pytest.mark.parametrize(
+    ("make", "shape", "listed"),
+    [
+        (lambda: Classifier(Looped(2.0)), (8,), "net.block (3x)"),
+        (Uncertifiable, None, "tied_a (2x)"),
+        (lambda: TwoViews(mlp()), (16,), None),
+        (GAN, (8,), None),
+    ],
+    ids=["loop", "tied", "two-views", "gan"],
+)
+def test_layers_applied_several_times_per_call_are_warned_about(tmp_path, make, shape, listed):
+    """A layer applied several times per call of the module around it (a block in a loop, tied layers in a chain)
+    is listed once, with its count; a network called twice a step (two views, a critic on real and generated
+    samples) is not. The counting hooks are gone from the second step on."""
+    data = (
+        torch.utils.data.TensorDataset(torch.randint(0, 10, (32, 2)), torch.randint(0, 4, (32,)))
+        if shape is None
+        else random_data(32, shape)
+    )
+    proj, hooks = KappaBudgetProjection(max_lipschitz=100.0), HookCount()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(callbacks=[proj, hooks], **trainer_kwargs(tmp_path, max_epochs=2)).fit(make(), loader(data))
+    mine = [str(w.message) for w in caught if "several times" in str(w.message)]
+    assert len(mine) == (listed is not None)
+    assert listed is None or f"(shared across depth or time, or tied): {listed}. The logged bound counts" in mine[0]
+    assert hooks.hooks == 0
+
+
+def test_a_layer_applied_three_times_enters_the_gain_three_times():
+    """What the warning says: the gain of ``Looped`` is the product of the norms with the block's taken three times,
+    larger than the product that counts it once where its norm exceeds 1 (float64 Jacobian of a linear network;
+    1e-6: the float32 weights are orthogonal to ~1e-7, and five of them are multiplied)."""
+    torch.manual_seed(0)
+    net = Looped(2.0)
+    norms = [dense_operator_norm(layer) for layer in (net.inp, net.block, net.head)]
+    gain = input_jacobian_norms(net, torch.randn(4, 8)).max().item()
+    assert gain == pytest.approx(norms[0] * norms[1] ** 3 * norms[2], rel=1e-6)
+    assert gain > 3.9 * math.prod(norms)
+
+
 @pytest.mark.parametrize("module", [nn.GELU(), nn.GELU("tanh"), nn.SiLU(), nn.Mish(), nn.Hardswish(), nn.SELU()])
 def test_listed_lipschitz_constants_are_the_largest_slopes(module):
     """Against autograd's slope on a fine grid (step 1e-5, where the slopes vary by less than 1e-5)."""
