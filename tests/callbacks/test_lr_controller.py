@@ -114,6 +114,26 @@ def test_scheduler_twin_sees_the_schedule_and_the_optimizer_half_of_it(tmp_path,
     assert len(set(map(tuple, last))) > 1  # the schedule moved
 
 
+def test_learning_rate_monitor_logs_the_scheduled_lr_and_the_controller_the_one_used(tmp_path):
+    """Lightning's ``LearningRateMonitor`` reads the LR between steps, where the controller has restored the
+    schedule's; ``lip/lr/effective`` is the LR the optimizer used (the README says which to read)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+    from lightning.pytorch.loggers import CSVLogger
+
+    model, logger = Scheduled("step"), CSVLogger(tmp_path)
+    callbacks = [FixedSignal(lambda step: 1.0), Half(), LearningRateMonitor(logging_interval="step")]
+    fit(tmp_path, model, callbacks, max_epochs=4, logger=logger, log_every_n_steps=1)
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    (monitored,) = [key for key in rows[0] if key.startswith("lr-")]
+    by_step = {key: {int(r["step"]): float(r[key]) for r in rows if r[key]} for key in (monitored, "lip/lr/effective")}
+    used = [row[0] for row in model.optimizers().optimizer.used]
+    assert len(used) == 16 and len(set(used)) > 1  # the schedule moved
+    assert list(by_step["lip/lr/effective"].values()) == pytest.approx(used, rel=1e-7)  # float32 in the log
+    assert list(by_step[monitored].values()) == pytest.approx([2 * lr for lr in used], rel=1e-7)
+    assert list(by_step[monitored]) == list(by_step["lip/lr/effective"]) == list(range(16))
+
+
 def test_strict_cuts_to_the_margin_and_recovers_slowly_with_hysteresis(tmp_path):
     # lr 0.1: unthrottled ratio 2.0, then 1.7 (throttled 0.765: under the margin 0.9, over 0.8 of it), then 0.05
     lam = lambda step: 40.0 if step < 6 else 34.0 if step < 10 else 1.0  # noqa: E731
