@@ -385,7 +385,7 @@ class ApplicationCounter:
     two views of a batch, a critic on real and generated samples) is not."""
 
     def __init__(self) -> None:
-        self.counts: dict[int, int] = {}
+        self._counts: dict[int, int] = {}  # by module identity
         self._groups: dict[str, tuple[list[nn.Module], list[nn.Module]]] = {}
         self._root = 0
         self._handles: list[Any] = []
@@ -398,25 +398,17 @@ class ApplicationCounter:
         names: dict[int, list[str]] = {}
         for name, module in modules.items():
             names.setdefault(id(module), []).append(name)
-        self._groups = {
-            key: (
-                group,
-                [
-                    modules[".".join(n.split(".")[:i])]
-                    for m in group
-                    for n in names[id(m)]
-                    for i in range(n.count(".") + 1)
-                ],
-            )
-            for key, group in groups.items()
-        }
+        self._groups = {}
+        for key, group in groups.items():
+            around = {".".join(n.split(".")[:i]) for m in group for n in names[id(m)] for i in range(n.count(".") + 1)}
+            self._groups[key] = (group, [modules[prefix] for prefix in around])  # "" is root
         self._root = id(root)
         hooked = {id(m): m for group, enclosing in self._groups.values() for m in group + enclosing}
-        self.counts = dict.fromkeys(hooked, 0)
+        self._counts = dict.fromkeys(hooked, 0)
         self._handles = [m.register_forward_hook(partial(self._count, key)) for key, m in hooked.items()]
 
     def _count(self, key: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self.counts[key] += 1
+        self._counts[key] += 1
 
     @property
     def counting(self) -> bool:
@@ -428,9 +420,9 @@ class ApplicationCounter:
         self.remove()
         repeated = {}
         for key, (group, enclosing) in self._groups.items():
-            applied = sum(self.counts[id(m)] for m in group)
-            inner = [n for m in enclosing if id(m) != self._root and (n := self.counts[id(m)]) > 0]
-            calls = min(inner) if inner else max(self.counts[self._root], 1)
+            applied = sum(self._counts[id(m)] for m in group)
+            inner = [n for m in enclosing if id(m) != self._root and (n := self._counts[id(m)]) > 0]
+            calls = min(inner) if inner else max(self._counts[self._root], 1)
             if calls < applied:
                 repeated[key] = applied / calls
         return repeated
