@@ -238,11 +238,17 @@ class HessianEigenMonitor(Callback):
             hvp = hvp_operator(pl_module, module_loss(pl_module), probe, sizes, params)
             matvec = self._distributed(trainer, hvp, float(sum(sizes)), scaling)
             v0, warm = self._start_vector(sum(p.numel() for p in params.values()), params)
+            if self.k > v0.numel():
+                self._warn(
+                    "k",
+                    f"{type(self).__name__}: `k={self.k}` exceeds the {v0.numel()} parameters measured; the "
+                    f"Hessian has {v0.numel()} eigenvalues, and those are reported.",
+                )
             try:
                 result = lanczos(
                     matvec,
                     v0,
-                    k=self.k,
+                    k=min(self.k, v0.numel()),
                     max_iter=self.max_iter,
                     tol=self.tol,
                     require_min=self.converge_min,

@@ -134,7 +134,8 @@ def lanczos(
         small_residual = bool((wanted_res <= residual_factor * tol * scale).all())
         small_change = prev_top is not None and prev_top.shape == top.shape
         small_change = small_change and bool(((top - prev_top).abs() <= tol * scale).all())
-        if j + 1 >= min_iter and kk == k and small_residual and small_change:
+        exhausted = j + 1 == n  # the basis spans the whole space: the Ritz values are the eigenvalues
+        if j + 1 >= min_iter and kk == k and small_residual and (small_change or exhausted):
             converged = True
             break
         prev_top = top

@@ -38,8 +38,8 @@ class NoiseStatistics:
         grad_norm_sq_unbiased: :math:`\|\bar g\|^2 - \mathrm{tr}\,\Sigma/B`, unbiased for :math:`\|G\|^2`.
         scale: simple noise scale :math:`B_{noise} = \mathrm{tr}\,\Sigma / \|G\|^2` (McCandlish et al. 2018), ``inf``
             when the unbiased :math:`\|G\|^2` is not positive (noise dominates).
-        top_eigenvalues: ``[k]`` largest eigenvalues of :math:`\Sigma`, descending.
-        effective_rank: :math:`(\mathrm{tr}\,\Sigma)^2/\|\Sigma\|_F^2`, between 1 and ``B - 1``.
+        top_eigenvalues: ``[min(k, B, P)]`` largest eigenvalues of :math:`\Sigma`, descending.
+        effective_rank: :math:`(\mathrm{tr}\,\Sigma)^2/\|\Sigma\|_F^2`, between 1 and ``min(B - 1, P)``.
     """
 
     batch_size: int
@@ -84,16 +84,18 @@ def noise_statistics(grads: Tensor, k: int = 5) -> NoiseStatistics:
     unbiased = norm_sq - trace / b
     scale = trace / unbiased if unbiased > 0 else torch.tensor(torch.inf, dtype=torch.float64)
     effective_rank = trace.square() / mu.square().sum() if trace > 0 else torch.zeros((), dtype=torch.float64)
-    return NoiseStatistics(b, trace, norm_sq, unbiased, scale, mu[: min(k, b)], effective_rank)
+    return NoiseStatistics(b, trace, norm_sq, unbiased, scale, mu[: min(k, b, grads.shape[1])], effective_rank)
 
 
 def noise_factor(omega: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    r"""Top-``k`` eigenpairs of :math:`\Sigma` without forming it: eigenvalues ``[k]`` and orthonormal eigenvectors
-    ``[P, k]`` :math:`\Omega^\top q_j/\sqrt{(B-1)\mu_j}`. (:math:`\Omega^\top/\sqrt{B-1}` itself is an exact square
-    root factor of rank ``<= B - 1``.)"""
-    b = omega.shape[0]
+    r"""Top-``k`` eigenpairs of :math:`\Sigma` without forming it: eigenvalues ``[r]`` and orthonormal eigenvectors
+    ``[P, r]`` :math:`\Omega^\top q_j/\sqrt{(B-1)\mu_j}`, ``r = min(k, B - 1, P)``: :math:`\Sigma` has rank at most
+    ``min(B - 1, P)``, and the eigenvectors of its zero eigenvalues are not in the factor.
+    (:math:`\Omega^\top/\sqrt{B-1}` itself is an exact square root factor.)"""
+    b, p = omega.shape
     mu, q = gram_spectrum(omega)
-    mu, q = mu[:k], q[:, :k]
+    r = min(k, b - 1, p)
+    mu, q = mu[:r], q[:, :r]
     vectors = omega.double().T @ q / ((b - 1) * mu.clamp_min(torch.finfo(torch.float64).tiny)).sqrt()
     return mu, vectors
 

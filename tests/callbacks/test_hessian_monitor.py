@@ -72,6 +72,21 @@ def test_lambda_max_and_min_match_dense_hessian(tmp_path, seed, arch, dtype):
     assert monitor.last["lip/hessian/lambda_min"] == pytest.approx(exact[0].item(), abs=tol * scale)
 
 
+def test_k_above_the_number_of_parameters_reports_every_eigenvalue(tmp_path):
+    """``k=10`` on a model of 6 parameters (a 2-class logistic regression): one warning, and the 6 eigenvalues of
+    the dense Hessian (float64, 1e-9: 6 products span the whole space). It raised in the middle of training."""
+    torch.manual_seed(0)
+    model = Float64Classifier(torch.nn.Linear(2, 2).double(), lr=0.1)
+    monitor = HessianEigenMonitor(every_n_steps=2, k=10, tol=1e-9, num_samples=32)
+    with pytest.warns(UserWarning, match=r"`k=10` exceeds the 6 parameters measured"):
+        fit(tmp_path, model, random_data(32, (2,), classes=2), [monitor])
+    xs, ys = probe_tensors(monitor)
+    exact = torch.linalg.eigvalsh(dense_hessian(model.net, F.cross_entropy, xs.double(), ys)).flip(0)
+    measured = [monitor.last[f"lip/hessian/lambda_{i + 1}"] for i in range(6)]
+    assert "lip/hessian/lambda_7" not in monitor.last and monitor.last["lip/hessian/converged"] == 1.0
+    assert measured == pytest.approx(exact.tolist(), abs=1e-9 * exact.abs().max().item())
+
+
 def test_bf16_true_precision_matches_the_dense_hessian_of_its_weights(tmp_path):
     """``precision="bf16-true"``: the products run in bfloat16, Lanczos in float32. Against the float64 Hessian of
     the same bfloat16 weights and inputs: within 1e-2 (bfloat16 keeps 8 significant bits, 4e-3 per rounding; the

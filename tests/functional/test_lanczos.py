@@ -37,6 +37,17 @@ def test_breakdown_restarts_and_finds_top():
     assert res.lambda_min.item() == pytest.approx(0.5, rel=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 6])
+def test_a_basis_that_spans_the_whole_space_is_converged(k):
+    """With ``n`` steps the Ritz values are the eigenvalues (a model with 6 parameters, ``k`` up to 6): converged,
+    though the top ``k`` had no previous step of the same size to compare with (``k = n``) or moved more than ``tol``
+    at the last step."""
+    A = random_symmetric(6, 0)
+    res = lanczos(lambda x: A @ x, torch.randn(6, dtype=torch.float64), k=k, max_iter=30, tol=1e-12)
+    assert res.converged and res.n_matvec == 6
+    torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(A).flip(0)[:k], rtol=1e-12, atol=1e-12)
+
+
 def test_nonfinite_operator_returns_nan_not_converged():
     res = lanczos(lambda x: x * float("nan"), torch.ones(5))
     assert not res.converged and torch.isnan(res.eigenvalues).all()

@@ -23,23 +23,27 @@ def dense_covariance(grads):
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_statistics_equal_dense_covariance(seed):
+@pytest.mark.parametrize(("p", "k"), [(30, 4), (6, 10)], ids=["P>B", "P<k<B"])
+def test_statistics_equal_dense_covariance(seed, p, k):
+    """``k`` above the number of parameters: the ``P`` eigenvalues there are (the B x B Gram matrix has ``B``)."""
     g = torch.Generator().manual_seed(seed)
-    grads = torch.randn(12, 30, generator=g, dtype=DT) * torch.linspace(0.1, 2, 30, dtype=DT) + 0.3
+    grads = torch.randn(12, p, generator=g, dtype=DT) * torch.linspace(0.1, 2, p, dtype=DT) + 0.3
     sigma = dense_covariance(grads)
     dense_eigs = torch.linalg.eigvalsh(sigma).flip(0)
-    stats = noise_statistics(grads, k=4)
+    stats = noise_statistics(grads, k=k)
     mean_sq = grads.mean(0).square().sum()
     torch.testing.assert_close(stats.trace, sigma.trace(), rtol=1e-12, atol=0)
     torch.testing.assert_close(stats.grad_norm_sq, mean_sq, rtol=1e-12, atol=0)
     torch.testing.assert_close(stats.grad_norm_sq_unbiased, mean_sq - sigma.trace() / 12, rtol=1e-12, atol=0)
     torch.testing.assert_close(stats.scale, sigma.trace() / (mean_sq - sigma.trace() / 12), rtol=1e-12, atol=0)
-    torch.testing.assert_close(stats.top_eigenvalues, dense_eigs[:4], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(stats.top_eigenvalues, dense_eigs[:k], rtol=1e-10, atol=1e-12)
     rank = sigma.trace() ** 2 / (sigma * sigma).sum()
     torch.testing.assert_close(stats.effective_rank, rank, rtol=1e-10, atol=0)
-    mu, vectors = noise_factor(grads - grads.mean(0), 3)
-    torch.testing.assert_close(vectors.T @ vectors, torch.eye(3, dtype=DT), rtol=0, atol=1e-10)
-    torch.testing.assert_close(sigma @ vectors, vectors * mu, rtol=0, atol=1e-10)  # eigenpairs of the dense Sigma
+    for wanted, found in ((3, 3), (20, min(11, p))):  # rank <= min(B - 1, P)
+        mu, vectors = noise_factor(grads - grads.mean(0), wanted)
+        assert mu.shape == (found,) and vectors.shape == (p, found)
+        torch.testing.assert_close(vectors.T @ vectors, torch.eye(found, dtype=DT), rtol=0, atol=1e-10)
+        torch.testing.assert_close(sigma @ vectors, vectors * mu, rtol=0, atol=1e-10)  # eigenpairs of the dense Sigma
 
 
 def test_half_precision_gradients_are_converted_before_the_arithmetic():
