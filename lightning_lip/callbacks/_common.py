@@ -408,7 +408,8 @@ class ApplicationCounter:
         self._handles = [m.register_forward_hook(partial(self._count, key)) for key, m in hooked.items()]
 
     def _count(self, key: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        self._counts[key] += 1
+        if not _measuring:  # not a forward pass of the callbacks' own measurements (a first, bootstrap one)
+            self._counts[key] += 1
 
     @property
     def counting(self) -> bool:
@@ -481,6 +482,9 @@ def module_loss(pl_module: pl.LightningModule) -> LossFn:
     return loss
 
 
+_measuring = 0  # measurement_mode contexts open (nested or not): the callbacks' own forward passes are running
+
+
 @contextmanager
 def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = False) -> Iterator[None]:
     """Eval mode (dropout off, BatchNorm on running statistics unless ``batch_norm_train``), and ``training_step``'s
@@ -492,14 +496,17 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
     list, dict or set, such as Lightning's ``self.training_step_outputs.append(loss)``). With ``batch_norm_train`` a
     ``SyncBatchNorm`` takes its rank's own batch statistics: it synchronizes them in an ``autograd.Function`` with
     collectives inside, which the measurements do not differentiate through. Embeddings with ``sparse=True`` give
-    dense gradients, the same values in the layout ``torch.func`` and double backward take.
+    dense gradients, the same values in the layout ``torch.func`` and double backward take. Its forward passes are
+    not counted as the training step's (:class:`ApplicationCounter`).
     """
+    global _measuring
     modes = {m: m.training for m in pl_module.modules()}
     sparse = [m for m in pl_module.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse]
     with ExitStack() as restore:
         changed = (m for m in pl_module.modules() if isinstance(m, (Metric, nn.SyncBatchNorm)))
         for m in [pl_module, *changed, *sparse]:
             restore.enter_context(_restored_attributes(m))
+        _measuring += 1
         try:
             for m in sparse:
                 m.sparse = False
@@ -514,6 +521,7 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
             pl_module.log = pl_module.log_dict = _ignore  # type: ignore[method-assign]
             yield
         finally:
+            _measuring -= 1
             for m, training in modes.items():
                 m.training = training
 

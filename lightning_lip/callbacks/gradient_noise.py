@@ -46,7 +46,14 @@ from lightning_lip.functional.noise import (
     sigma_dynamics,
 )
 from lightning_lip.functional.per_sample import per_sample_grads
-from lightning_lip.functional.spectral import CONV_TYPES, current_weight, lanczos_svd, random_start, weight_pruning
+from lightning_lip.functional.spectral import (
+    CONV_TYPES,
+    current_weight,
+    lanczos_svd,
+    random_start,
+    warm_start,
+    weight_pruning,
+)
 from lightning_lip.functional.stability import GradientMap, gradient_clipping, linear_step
 from lightning_lip.registry import LipRegistry
 
@@ -525,7 +532,7 @@ class GradientNoiseEstimator(Callback):
             self._shapes.input_shape(name, layer), torch.zeros((), dtype=torch.float64), self._generator
         )
         if warm is not None and warm.shape == start.shape:
-            start = warm.double() / warm.norm() + (1e-3 if follow_up else 1.0) * start
+            start = warm_start(warm.double(), start, 1e-3 if follow_up else 1.0)
         tol, factor = (1e-6, 1.0) if follow_up else (1e-7, 0.1)
         triplet = lanczos_svd(operator, start.to(layer.weight.device), max_iter=200, tol=tol, residual_factor=factor)
         self._vectors[name] = triplet.v.detach()

@@ -42,6 +42,7 @@ from lightning_lip.callbacks._common import (
 from lightning_lip.functional.batch import batch_size, batch_tree
 from lightning_lip.functional.hvp import hvp_operator
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
+from lightning_lip.functional.spectral import warm_start
 from lightning_lip.functional.stability import is_preconditioned, preconditioner, stability_threshold
 from lightning_lip.registry import LipRegistry
 
@@ -347,7 +348,7 @@ class HessianEigenMonitor(Callback):
         cold = self._eigenvector is None or self._eigenvector.numel() != n
         if cold or (self.cold_every_n_runs and self.n_runs % self.cold_every_n_runs == 0):
             return noise, False
-        return self._eigenvector.to(first.device) + self.warm_mix * noise / noise.norm(), True
+        return warm_start(self._eigenvector.to(first.device), noise, self.warm_mix), True
 
     def _distributed(self, trainer: Trainer, hvp: Any, n_local: float, scaling: Tensor | None) -> Any:
         """Average the product over ranks weighted by probe size, and precondition it (Adam & co.)."""

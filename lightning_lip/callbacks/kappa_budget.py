@@ -52,6 +52,7 @@ from lightning_lip.functional.spectral import (
     random_start,
     rescale_weight,
     uniform_budget,
+    warm_start,
     weight_pruning,
 )
 from lightning_lip.registry import LipRegistry
@@ -497,13 +498,13 @@ class KappaBudgetProjection(Callback):
         weight = self._layers[name].weight
         shape = self._shapes.input_shape(name, self._layers[name])
         if refine is not None:
-            start = refine.to(weight.device) + _REFINE_NOISE * random_start(shape, weight, self._generator)
+            start = warm_start(refine.to(weight.device), random_start(shape, weight, self._generator), _REFINE_NOISE)
             return lanczos_svd(operator, start, self.audit_max_iterations, self.tol, residual_factor=1.0, min_iter=2)
         v = self._vectors.get(name)
         if v is not None and tuple(v.shape) == tuple(shape) and not audit:
             return self._track(name, operator, v.to(weight.device))
         noise = random_start(shape, weight, self._generator)
-        start = noise if v is None or tuple(v.shape) != tuple(shape) else v.to(weight.device) + noise
+        start = noise if v is None or tuple(v.shape) != tuple(shape) else warm_start(v.to(weight.device), noise)
         return lanczos_svd(operator, start, self.audit_max_iterations, self.audit_tol)
 
     def _track(self, name: str, operator: Operator, v: Tensor) -> SingularTriplet:

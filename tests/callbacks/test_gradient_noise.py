@@ -272,6 +272,23 @@ def test_observation_precedes_the_projection(tmp_path):
     assert max(abs(z) for z in zs) < 6
 
 
+def test_a_convolution_with_one_input_gets_finite_dynamics_and_zscores(tmp_path):
+    """A convolution on one channel of one pixel: its input space has two unit vectors, so the fresh noise mixed into
+    the warm start of its Lanczos cancelled it half the time; sigma was then NaN, and so were the z-scores."""
+
+    class Observed(GradientNoiseEstimator):
+        def _observe(self, expected):
+            super()._observe(expected)
+            self.zscores += [v for k, v in self._pending.items() if "/zscore/" in k]
+
+    noise = Observed(every_n_steps=1)
+    noise.zscores = []
+    model = Classifier(nn.Sequential(nn.Conv2d(1, 4, 1), nn.Flatten()))
+    fit(tmp_path, model, random_data(64, (1, 1, 1)), [noise], max_epochs=2)
+    assert noise.n_runs == 8 and len(noise.zscores) == 7 and all(math.isfinite(z) for z in noise.zscores)
+    assert math.isfinite(noise.last["lip/noise/drift/net.0"]) and noise.n_skipped == 0
+
+
 class NaNGradients(Classifier):
     def lip_loss(self, batch):
         return F.cross_entropy(self(batch[0]), batch[1]) * float("nan")

@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from torch import nn
 from torch.nn.utils import prune
 
-from lightning_lip import KappaBudgetProjection, LipRegistry
+from lightning_lip import CurvatureLRController, KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import LayerShapes
 from lightning_lip.callbacks.kappa_budget import _gain_above_one
 from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, random_start
@@ -564,6 +564,13 @@ class TwoViews(Classifier):
         return torch.cat([self.net(half) for half in x.chunk(2)])
 
 
+class Direct(Classifier):
+    """Calls its layer itself, not through ``forward``: the LightningModule is never called."""
+
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.cross_entropy(self.net(batch[0]), batch[1])
+
+
 class HookCount(Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if batch_idx == 1:
@@ -577,8 +584,9 @@ class HookCount(Callback):
         (Uncertifiable, None, "tied_a (2x)"),
         (lambda: TwoViews(mlp()), (16,), None),
         (GAN, (8,), None),
+        (lambda: Direct(nn.Linear(16, 4)), (16,), None),
     ],
-    ids=["loop", "tied", "two-views", "gan"],
+    ids=["loop", "tied", "two-views", "gan", "direct-with-bootstrap"],
 )
 def test_layers_applied_several_times_per_call_are_warned_about(tmp_path, make, shape, listed):
     """A layer applied several times per call of the module around it (a block in a loop, tied layers in a chain)
@@ -590,13 +598,25 @@ def test_layers_applied_several_times_per_call_are_warned_about(tmp_path, make, 
         else random_data(32, shape)
     )
     proj, hooks = KappaBudgetProjection(max_lipschitz=100.0), HookCount()
+    measures = CurvatureLRController(signal="probe")  # calls the model once before the first step: not counted
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        Trainer(callbacks=[proj, hooks], **trainer_kwargs(tmp_path, max_epochs=2)).fit(make(), loader(data))
+        Trainer(callbacks=[proj, measures, hooks], **trainer_kwargs(tmp_path, max_epochs=2)).fit(make(), loader(data))
     mine = [str(w.message) for w in caught if "several times" in str(w.message)]
     assert len(mine) == (listed is not None)
     assert listed is None or f"(shared across depth or time, or tied): {listed}. The logged bound counts" in mine[0]
     assert hooks.hooks == 0
+
+
+def test_a_layer_with_one_input_is_audited_and_projected_every_step(tmp_path):
+    """``Linear(1, 4)``: the audit's start, the warm vector plus as much noise, was zero whenever the noise drew the
+    opposite of the warm vector (half the time in one dimension): "non-finite weights", the layer skipped."""
+    model, proj = Classifier(nn.Linear(1, 4), lr=0.5), KappaBudgetProjection(max_lipschitz=0.5, audit_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, max_epochs=4)).fit(model, loader(random_data(64, (1,))))
+    assert not [w for w in caught if "non-finite" in str(w.message)] and proj._n_skipped == 0
+    assert proj.n_projections == 16 and dense_operator_norm(model.net) <= 0.5 * (1 + 1e-3)
 
 
 def test_a_layer_applied_three_times_enters_the_gain_three_times():
