@@ -420,6 +420,8 @@ class KappaBudgetProjection(Callback):
         for name in fixed:
             self._warn_fixed(name)
         kappas = absorb_fixed(self._checked_allocation(sigmas), sigmas, fixed)
+        if fixed and math.prod(kappas.values()) > self.max_lipschitz * (1 + 1e-9):  # no free layer to take it up
+            self._warn_unmet(fixed, math.prod(kappas.values()))
         n_projected = 0
         for name, sigma in sigmas.items():
             scale = 1.0 if name in fixed else projection_scale(sigma, kappas[name])
@@ -461,6 +463,15 @@ class KappaBudgetProjection(Callback):
             f"Layer {name!r} {reason}: it is not rescaled; its norm counts in the bound, and the other layers' "
             "budgets shrink to make up for it.",
         )
+
+    def _warn_unmet(self, fixed: set[str], product: float) -> None:
+        message = (
+            f"{type(self).__name__}: the layers that cannot be rescaled ({', '.join(sorted(fixed))}) have norms whose "
+            f"product, {product:.6g}, exceeds `max_lipschitz` ({self.max_lipschitz}), and no other layer is left to "
+            "make up for it: the bound is over the budget."
+        )
+        self._warn("unmet", message)
+        log.info(message)
 
     def _warn_varied(self) -> None:
         """Warn about convolutions that pad with something other than zeros and have run on inputs of several sizes:

@@ -725,6 +725,25 @@ def test_frozen_layer_is_measured_not_projected_and_the_others_absorb_its_norm(t
         assert all(dense[name] <= kappas[name] * (1 + 1e-3) for name in ("net.2", "net.4"))
 
 
+def test_frozen_layers_alone_over_the_budget_are_warned_about_once(tmp_path):
+    """Only the biases train: the frozen weights' norms exceed ``max_lipschitz`` and no layer can take it up. One
+    warning says the budget is not met (the warnings said the other layers' budgets shrink, with none left), the
+    weights stay as they were, and the bound reports their product."""
+    model = Classifier(mlp(), lr=0.5)
+    for layer in model.net[::2]:
+        layer.weight.requires_grad_(False)
+    before = [layer.weight.clone() for layer in model.net[::2]]
+    proj = KappaBudgetProjection(max_lipschitz=0.1, audit_every_n_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        Trainer(callbacks=[proj], **trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader(random_data(64)))
+    (unmet,) = [str(w.message) for w in caught if "no other layer is left" in str(w.message)]
+    assert unmet.startswith("KappaBudgetProjection: the layers that cannot be rescaled (net.0, net.2, net.4)")
+    assert all(torch.equal(layer.weight, w) for layer, w in zip(model.net[::2], before))
+    dense = math.prod(dense_operator_norm(layer) for layer in model.net[::2])
+    assert proj.bound == pytest.approx(dense, rel=1e-3) and dense > 0.1
+
+
 def _weight_normalized_mlp() -> nn.Sequential:
     net = mlp()
     for i in (0, 2, 4):
