@@ -38,6 +38,7 @@ from lightning_lip.callbacks._common import (
     write_tensorboard_layout,
 )
 from lightning_lip.functional.batch import batch_size, leading_sizes, slice_batch
+from lightning_lip.functional.lanczos import warm_start
 from lightning_lip.functional.noise import (
     centred,
     log_lipschitz_dynamics,
@@ -51,7 +52,6 @@ from lightning_lip.functional.spectral import (
     current_weight,
     lanczos_svd,
     random_start,
-    warm_start,
     weight_pruning,
 )
 from lightning_lip.functional.stability import GradientMap, gradient_clipping, linear_step

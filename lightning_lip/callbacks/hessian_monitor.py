@@ -41,8 +41,7 @@ from lightning_lip.callbacks._common import (
 )
 from lightning_lip.functional.batch import batch_size, batch_tree
 from lightning_lip.functional.hvp import hvp_operator
-from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density
-from lightning_lip.functional.spectral import warm_start
+from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density, warm_start
 from lightning_lip.functional.stability import is_preconditioned, preconditioner, stability_threshold
 from lightning_lip.registry import LipRegistry
 

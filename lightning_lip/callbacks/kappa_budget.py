@@ -39,6 +39,7 @@ from lightning_lip.callbacks._common import (
     tensorboard_writer,
     write_tensorboard_layout,
 )
+from lightning_lip.functional.lanczos import warm_start
 from lightning_lip.functional.spectral import (
     Operator,
     SingularTriplet,
@@ -52,7 +53,6 @@ from lightning_lip.functional.spectral import (
     random_start,
     rescale_weight,
     uniform_budget,
-    warm_start,
     weight_pruning,
 )
 from lightning_lip.registry import LipRegistry

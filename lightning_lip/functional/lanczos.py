@@ -46,6 +46,20 @@ class LanczosResult:
     weights: Tensor
 
 
+def warm_start(warm: Tensor, noise: Tensor, mix: float = 1.0) -> Tensor:
+    r"""Start vector :math:`\hat w \pm m\,\hat n` of an iteration: the unit warm vector ``warm`` (from the previous
+    measurement) plus ``mix`` times unit ``noise``, with the sign that keeps the noise from cancelling the warm
+    vector, so that the start's component along :math:`\hat w` is at least 1. (A one-dimensional operator, a
+    ``Linear(1, m)``'s, has two unit vectors; half the time the noise was the opposite one and the start was zero.)
+    Flipping the sign keeps the noise's part orthogonal to :math:`\hat w` as it was drawn. A zero warm vector (a
+    zero layer's singular vector) leaves the noise alone."""
+    tiny = torch.finfo(warm.dtype).tiny
+    warm = warm / torch.linalg.vector_norm(warm).clamp_min(tiny)
+    noise = noise / torch.linalg.vector_norm(noise).clamp_min(tiny)
+    opposite = torch.vdot(warm.flatten(), noise.flatten().to(warm.dtype)) < 0  # no sync with the device
+    return warm + mix * (1 - 2 * opposite.to(noise.dtype)) * noise
+
+
 def lanczos(
     matvec: MatVec,
     v0: Tensor,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lightning_lip.functional.lanczos import lanczos, slq_density
+from lightning_lip.functional.lanczos import lanczos, slq_density, warm_start
 
 
 def random_symmetric(n, seed, dtype=torch.float64):
@@ -175,3 +175,24 @@ def test_slq_density_matches_the_exact_spectrum():
     assert mass.sum().item() == pytest.approx(1.0, abs=1e-12) and edges.shape == (11,)
     high = mass[edges[:-1] >= 2.0].sum().item()
     assert high == pytest.approx(0.25, abs=0.03)  # a quarter of the eigenvalues sit near 3
+
+
+@pytest.mark.parametrize("n", [1, 2, 50])
+@pytest.mark.parametrize("mix", [1e-3, 0.1, 1.0, 3.0])
+def test_warm_start_cannot_cancel_the_warm_vector(n, mix):
+    """Noise opposite to the warm vector (the only other unit vector in one dimension, where it made half the
+    audits of a ``Linear(1, m)`` start from zero): its sign flips, its part orthogonal to the warm vector stays."""
+    g = torch.Generator().manual_seed(n)
+    warm = torch.randn(n, generator=g, dtype=torch.float64)
+    w = warm / warm.norm()
+    for noise in (-warm * 2.0, torch.randn(n, generator=g, dtype=torch.float64)):
+        start = warm_start(warm, noise, mix)
+        along = torch.dot(start, w).item()
+        assert along >= 1.0
+        nu = noise / noise.norm()
+        assert along == pytest.approx(1 + mix * abs(torch.dot(nu, w).item()), rel=1e-12)
+        orthogonal = lambda x: x - torch.dot(x, w) * w  # noqa: E731
+        assert torch.allclose(orthogonal(start).abs(), mix * orthogonal(nu).abs(), rtol=0, atol=1e-12)
+    noise = torch.randn(n, generator=g, dtype=torch.float64)
+    zero = torch.zeros(n, dtype=torch.float64)
+    torch.testing.assert_close(warm_start(zero, noise, mix), mix * noise / noise.norm(), rtol=1e-14, atol=0)

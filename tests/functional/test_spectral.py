@@ -19,7 +19,6 @@ from lightning_lip.functional.spectral import (
     random_start,
     rescale_weight,
     uniform_budget,
-    warm_start,
 )
 from tests.reference import dense_operator, dense_operator_norm
 
@@ -234,27 +233,6 @@ def test_transposed_conv_with_output_size_uses_recorded_output_shape():
     ref = torch.linalg.matrix_norm(J, 2).item()
     t = lanczos_svd(op, random_start((2, 4, 4), layer.weight), tol=1e-12)
     assert t.sigma.item() == pytest.approx(ref, rel=1e-9)
-
-
-@pytest.mark.parametrize("n", [1, 2, 50])
-@pytest.mark.parametrize("mix", [1e-3, 0.1, 1.0, 3.0])
-def test_warm_start_cannot_cancel_the_warm_vector(n, mix):
-    """Noise opposite to the warm vector (the only other unit vector in one dimension, where it made half the
-    audits of a ``Linear(1, m)`` start from zero): its sign flips, its part orthogonal to the warm vector stays."""
-    g = torch.Generator().manual_seed(n)
-    warm = torch.randn(n, generator=g, dtype=torch.float64)
-    w = warm / warm.norm()
-    for noise in (-warm * 2.0, torch.randn(n, generator=g, dtype=torch.float64)):
-        start = warm_start(warm, noise, mix)
-        along = torch.dot(start, w).item()
-        assert along >= 1.0
-        nu = noise / noise.norm()
-        assert along == pytest.approx(1 + mix * abs(torch.dot(nu, w).item()), rel=1e-12)
-        orthogonal = lambda x: x - torch.dot(x, w) * w  # noqa: E731
-        assert torch.allclose(orthogonal(start).abs(), mix * orthogonal(nu).abs(), rtol=0, atol=1e-12)
-    noise = torch.randn(n, generator=g, dtype=torch.float64)
-    zero = torch.zeros(n, dtype=torch.float64)
-    torch.testing.assert_close(warm_start(zero, noise, mix), mix * noise / noise.norm(), rtol=1e-14, atol=0)
 
 
 def test_projection_scale():
