@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterator, MutableMapping, MutableSequence, MutableSet
 from contextlib import ExitStack, contextmanager
 from functools import partial
@@ -377,61 +378,65 @@ class LayerShapes:
         self._handles = {}
 
 
-class ApplicationCounter:
-    """How often each layer's weight is applied while a training step computes its loss, per call of the modules that
-    contain the layer (per step where ``training_step`` calls none of them): forward hooks from :meth:`start` to
-    :meth:`stop`, then removed, so that they cost nothing after that step. A layer applied more often than the module
-    around it is shared across depth or time (a block in a loop), or tied to another layer; a network called twice (on
-    two views of a batch, a critic on real and generated samples) is not."""
+class LayerChains:
+    """The layers that a training step applies several times in a chain, and the longest chain of each: an
+    application whose input autograd's graph leads back to an earlier application's output of the same weight (a
+    block in a loop, tied layers in sequence). Forward hooks from :meth:`start` to :meth:`stop`, then removed, so
+    that they cost nothing after that step. A network applied to several inputs side by side (two views of a batch,
+    a critic on real and generated samples) makes no chain. Not seen: the callbacks' own measurements, compiled
+    regions (``torch.compile`` traces no graph walk), and chains through tensors without a graph (no parameter
+    upstream requires grad)."""
 
     def __init__(self) -> None:
-        self._counts: dict[int, int] = {}  # by module identity
-        self._groups: dict[str, tuple[list[nn.Module], list[nn.Module]]] = {}
-        self._root = 0
+        self.longest: dict[str, int] = {}
+        self._outputs: dict[str, dict[Any, int]] = {}  # per layer: grad_fn of each application's output -> its depth
         self._handles: list[Any] = []
 
-    def start(self, root: nn.Module, groups: dict[str, list[nn.Module]]) -> None:
-        """Count from now on the calls of each name's modules (a layer and the layers tied to it) and of the modules
-        of ``root`` that contain them."""
+    def start(self, groups: dict[str, list[nn.Module]]) -> None:
+        """Follow the applications of each name's modules (a layer and the layers tied to it) from now on."""
         self.remove()
-        modules = dict(root.named_modules(remove_duplicate=False))  # aliases too
-        names: dict[int, list[str]] = {}
-        for name, module in modules.items():
-            names.setdefault(id(module), []).append(name)
-        self._groups = {}
-        for key, group in groups.items():
-            around = {".".join(n.split(".")[:i]) for m in group for n in names[id(m)] for i in range(n.count(".") + 1)}
-            self._groups[key] = (group, [modules[prefix] for prefix in around])  # "" is root
-        self._root = id(root)
-        hooked = {id(m): m for group, enclosing in self._groups.values() for m in group + enclosing}
-        self._counts = dict.fromkeys(hooked, 0)
-        self._handles = [m.register_forward_hook(partial(self._count, key)) for key, m in hooked.items()]
+        self.longest = dict.fromkeys(groups, 0)
+        self._outputs = {name: {} for name in groups}
+        self._handles = [m.register_forward_hook(partial(self._record, name)) for name, g in groups.items() for m in g]
 
-    def _count(self, key: int, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        if not _measuring:  # not a forward pass of the callbacks' own measurements (a first, bootstrap one)
-            self._counts[key] += 1
+    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        if _measuring or torch.compiler.is_compiling() or not isinstance(output, Tensor):
+            return
+        outputs = self._outputs[name]
+        depth = 1 + (_depth_upstream(args, outputs) if outputs else 0)
+        if output.grad_fn is not None:
+            outputs[output.grad_fn] = depth
+        self.longest[name] = max(self.longest[name], depth)
 
     @property
-    def counting(self) -> bool:
+    def following(self) -> bool:
         return bool(self._handles)
 
-    def stop(self) -> dict[str, float]:
-        """Remove the hooks; return ``{name: applications / calls}`` of the layers applied more often than the
-        module around them that was called least (and at least once), or than ``root``, or than once."""
+    def stop(self) -> dict[str, int]:
+        """Remove the hooks; return ``{name: k}`` of the layers applied ``k > 1`` times in a chain."""
         self.remove()
-        repeated = {}
-        for key, (group, enclosing) in self._groups.items():
-            applied = sum(self._counts[id(m)] for m in group)
-            inner = [n for m in enclosing if id(m) != self._root and (n := self._counts[id(m)]) > 0]
-            calls = min(inner) if inner else max(self._counts[self._root], 1)
-            if calls < applied:
-                repeated[key] = applied / calls
-        return repeated
+        self._outputs = {}
+        return {name: k for name, k in self.longest.items() if k > 1}
 
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def _depth_upstream(args: tuple[Any, ...], outputs: dict[Any, int]) -> int:
+    """Depth of the nearest of ``outputs`` (autograd nodes) upstream of the tensors in ``args``, 0 if none is: a
+    breadth-first walk of autograd's graph, which stops at the first one found (in a chain, the latest)."""
+    frontier = deque(t.grad_fn for t in args if isinstance(t, Tensor) and t.grad_fn is not None)
+    seen: set[Any] = set()
+    while frontier:
+        node = frontier.popleft()
+        if node in outputs:
+            return outputs[node]
+        if node not in seen:
+            seen.add(node)
+            frontier.extend(upstream for upstream, _ in node.next_functions if upstream is not None)
+    return 0
 
 
 def stepped_parameters(pl_module: pl.LightningModule, optimizers: list[torch.optim.Optimizer]) -> dict[str, Tensor]:
@@ -497,7 +502,7 @@ def measurement_mode(pl_module: pl.LightningModule, batch_norm_train: bool = Fal
     ``SyncBatchNorm`` takes its rank's own batch statistics: it synchronizes them in an ``autograd.Function`` with
     collectives inside, which the measurements do not differentiate through. Embeddings with ``sparse=True`` give
     dense gradients, the same values in the layout ``torch.func`` and double backward take. Its forward passes are
-    not counted as the training step's (:class:`ApplicationCounter`).
+    not the training step's (:class:`LayerChains` ignores them).
     """
     global _measuring
     modes = {m: m.training for m in pl_module.modules()}

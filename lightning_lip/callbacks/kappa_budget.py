@@ -25,8 +25,8 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_lip.callbacks._common import (
-    ApplicationCounter,
     BoundModule,
+    LayerChains,
     LayerShapes,
     SpawnSafeGenerator,
     WarnOnce,
@@ -89,7 +89,7 @@ class KappaBudgetProjection(Callback):
     Every ``audit_every_n_steps`` steps, and whenever a layer starts cold, the norm is measured tightly by Lanczos
     instead. Layers that cannot be certified (attention, normalization, embeddings, ...) are listed once in a
     warning: the logged bound assumes them 1-Lipschitz. So are the layers that the first training step applies
-    several times per call of the module around them (a block in a loop, tied layers): the bound counts each once.
+    several times in a chain (a block in a loop, tied layers in sequence): the bound counts each once.
     A parametrized weight (weight normalization) is rescaled through its parametrization's ``right_inverse``. Layers
     that cannot be rescaled (frozen, or a parametrization that does not take a rescaled weight, such as
     ``spectral_norm``'s) keep their norm, warned once; the factor by which they exceed their budgets is taken from the
@@ -189,8 +189,8 @@ class KappaBudgetProjection(Callback):
         self._layers: dict[str, nn.Module] = {}
         self._weight_params: dict[str, list[Tensor]] = {}
         self._handles: list[Any] = []
-        self._applications = ApplicationCounter()
-        self._count_applications = False
+        self._chains = LayerChains()
+        self._follow_chains = False
         self._module = BoundModule()
         self._start_afresh()
 
@@ -252,7 +252,7 @@ class KappaBudgetProjection(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._attach(pl_module)
-        self._count_applications = True
+        self._follow_chains = True
         write_tensorboard_layout(trainer)
         for optimizer in trainer.optimizers:
             self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
@@ -264,9 +264,9 @@ class KappaBudgetProjection(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._count_applications:  # the first training step of this fit
-            self._count_applications = False
-            self._applications.start(pl_module, self._tied_groups(pl_module))
+        if self._follow_chains:  # the first training step of this fit
+            self._follow_chains = False
+            self._chains.start(self._tied_groups(pl_module))
 
     @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
@@ -282,19 +282,19 @@ class KappaBudgetProjection(Callback):
         return groups
 
     def _warn_repeated(self) -> None:
-        """After the first training step's forward passes: warn about the layers whose weight they applied several times
-        per call of the module around it (see :class:`ApplicationCounter`)."""
-        if not self._applications.counting:
+        """After the first training step's forward passes: warn about the layers they applied several times in a
+        chain (see :class:`~lightning_lip.callbacks._common.LayerChains`)."""
+        if not self._chains.following:
             return
-        repeated = self._applications.stop()
+        repeated = self._chains.stop()
         if repeated:
             of = f" of {self.scope!r}" if self.scope else ""
-            listed = ", ".join(f"{name} ({ratio:.3g}x)" for name, ratio in repeated.items())
+            listed = ", ".join(f"{name} ({k}x)" for name, k in repeated.items())
             message = (
-                f"{type(self).__name__}: the first training step applied the weight of {len(repeated)} layer(s) "
-                f"several times per call of the module around it (shared across depth or time, or tied): {listed}. "
-                f"The logged bound{of} counts each layer once; a layer applied k times in a chain enters the network's "
-                "Lipschitz constant as sigma^k: where such a layer's norm exceeds 1, the logged bound does not hold."
+                f"{type(self).__name__}: the first training step applied {len(repeated)} layer(s) several times in a "
+                f"chain (a block in a loop, tied layers in sequence): {listed}. The logged bound{of} counts each layer "
+                "once; a layer applied k times in a chain enters the network's Lipschitz constant as sigma^k: where "
+                "such a layer's norm exceeds 1, the logged bound does not hold."
             )
             self._warn("repeated", message)
             log.info(message)
@@ -628,7 +628,7 @@ class KappaBudgetProjection(Callback):
             handle.remove()
         self._handles = []
         self._shapes.remove()
-        self._applications.remove()
+        self._chains.remove()
 
     @override
     def state_dict(self) -> dict[str, Any]:
