@@ -420,8 +420,8 @@ class KappaBudgetProjection(Callback):
         for name in fixed:
             self._warn_fixed(name)
         kappas = absorb_fixed(self._checked_allocation(sigmas), sigmas, fixed)
-        if fixed and math.prod(kappas.values()) > self.max_lipschitz * (1 + 1e-9):  # no free layer to take it up
-            self._warn_unmet(fixed, math.prod(kappas.values()))
+        if fixed and (product := math.prod(kappas.values())) > self.max_lipschitz * (1 + 1e-9):  # no free layer left
+            self._warn_unmet(fixed, product)
         n_projected = 0
         for name, sigma in sigmas.items():
             scale = 1.0 if name in fixed else projection_scale(sigma, kappas[name])
