@@ -121,7 +121,8 @@ class GradientNoiseEstimator(Callback):
             for any module with a weight).
         chunk_size: samples per ``vmap`` chunk, bounding peak memory; ``None``: all at once.
         max_samples: at most this many samples of each batch (per rank), ``>= 2``.
-        k: number of top eigenvalues of :math:`\Sigma` to report, ``>= 1``.
+        k: number of top eigenvalues of :math:`\Sigma` to report, ``>= 1`` (at most the batch size and the number of
+            parameters).
         predict: compare the next step's observed change with its prediction (z-scores).
 
     Raises:

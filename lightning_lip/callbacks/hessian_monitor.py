@@ -86,7 +86,7 @@ class HessianEigenMonitor(Callback):
 
     Args:
         every_n_steps: measure every this many optimizer steps, ``>= 1``.
-        k: number of top eigenvalues, ``>= 1``.
+        k: number of top eigenvalues, ``>= 1`` (a model with fewer parameters reports all of them, with a warning).
         max_iter: cap on Lanczos steps (HVPs) per measurement.
         tol: relative tolerance of the Lanczos stopping rule (change ``<= tol``; residual ``<= tol``
             from a warm start, ``<= tol / 100`` from a cold one), ``> 0``.
