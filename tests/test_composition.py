@@ -4,10 +4,12 @@ optimization, evaluation stages, DDP, every documented tag."""
 import copy
 import dataclasses
 import math
+import os
 import pickle
 import warnings
 from collections import deque, namedtuple
 from collections.abc import Mapping
+from unittest import mock
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, default_collate
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -412,6 +415,24 @@ def test_manual_optimization_without_lip_loss_is_a_clear_error_at_setup(tmp_path
     with pytest.raises(ValueError, match=f"{type(callback).__name__} evaluates the loss.*define `lip_loss"):
         trainer.fit(model, loader(random_data(64)))
     assert model.n_training_steps == 0
+
+
+class _CPUFSDP(FSDPStrategy):
+    """``FSDPStrategy`` on CPU: Lightning refuses the class itself there (it checks the exact type), and the
+    callbacks refuse it at setup, before the strategy wraps the model."""
+
+
+@pytest.mark.parametrize("strategy", [_CPUFSDP, ModelParallelStrategy], ids=["fsdp", "model_parallel"])
+@pytest.mark.parametrize("index", [0, 1, 2, 3])
+def test_sharded_strategies_are_a_clear_error_at_setup(tmp_path, strategy, index):
+    callback, model = four()[index], Classifier(mlp())
+    trainer = Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, strategy=strategy()))
+    name = type(callback).__name__
+    with mock.patch.dict(os.environ), pytest.raises(ValueError, match=f"{name} does not support sharded models"):
+        try:
+            trainer.fit(model, loader(random_data(64)))
+        finally:
+            torch.distributed.destroy_process_group()  # the strategy's, a group of one process
 
 
 class _Checkpointed(torch.nn.Module):

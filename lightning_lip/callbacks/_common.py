@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.strategies import Strategy
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
@@ -456,6 +456,17 @@ def held_parameters(optimizers: list[torch.optim.Optimizer], module: nn.Module) 
     held = {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
     own = {id(p) for p in module.parameters()}
     return (held & own) or own
+
+
+def check_strategy(strategy: Strategy, owner: str) -> None:
+    """Raise at setup under a sharded strategy, as Lightning's ``StochasticWeightAveraging`` does: each process
+    holds shards of the parameters (``FSDPStrategy``, ``DeepSpeedStrategy``) or distributed tensors
+    (``ModelParallelStrategy``), which the callbacks' measurements cannot read whole."""
+    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        raise ValueError(
+            f"{owner} does not support sharded models (`strategy={type(strategy).__name__}`): it measures whole "
+            'parameters. Train on one device or with `strategy="ddp"` (or "ddp_spawn", "ddp_fork").'
+        )
 
 
 def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:

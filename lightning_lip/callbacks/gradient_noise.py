@@ -30,6 +30,7 @@ from lightning_lip.callbacks._common import (
     check_fraction,
     check_int,
     check_loss_source,
+    check_strategy,
     held_parameters,
     log_metrics,
     measurement_mode,
@@ -219,6 +220,7 @@ class GradientNoiseEstimator(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer.strategy, type(self).__name__)
         self._module.bind(pl_module, self._start_afresh)
         check_loss_source(pl_module, type(self).__name__)
         if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:

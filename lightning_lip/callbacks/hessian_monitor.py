@@ -29,6 +29,7 @@ from lightning_lip.callbacks._common import (
     check_int,
     check_loss_source,
     check_positive,
+    check_strategy,
     detached,
     differentiation_failure,
     first_line,
@@ -185,6 +186,7 @@ class HessianEigenMonitor(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
+            check_strategy(trainer.strategy, type(self).__name__)
             self._module.bind(pl_module, self._start_afresh)
             check_loss_source(pl_module, type(self).__name__)
 

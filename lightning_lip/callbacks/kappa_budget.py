@@ -33,6 +33,7 @@ from lightning_lip.callbacks._common import (
     check_choice,
     check_int,
     check_positive,
+    check_strategy,
     held_parameters,
     log_for_monitors,
     log_on_logger_steps,
@@ -247,6 +248,7 @@ class KappaBudgetProjection(Callback):
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
+            check_strategy(trainer.strategy, type(self).__name__)
             self._module.bind(pl_module, self._start_afresh)
 
     @override

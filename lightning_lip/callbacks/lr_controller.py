@@ -27,6 +27,7 @@ from lightning_lip.callbacks._common import (
     check_fraction,
     check_int,
     check_loss_source,
+    check_strategy,
     log_for_monitors,
     log_on_logger_steps,
     write_tensorboard_layout,
@@ -263,6 +264,7 @@ class CurvatureLRController(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        check_strategy(trainer.strategy, type(self).__name__)
         self._module.bind(pl_module, self._start_afresh)
         check_loss_source(pl_module, type(self).__name__)  # the first measurement is its own (and maybe the probe)
         monitors = [c for c in trainer.callbacks if isinstance(c, HessianEigenMonitor)]
