@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, OnExceptionCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, default_collate
@@ -415,6 +415,48 @@ def test_manual_optimization_without_lip_loss_is_a_clear_error_at_setup(tmp_path
     with pytest.raises(ValueError, match=f"{type(callback).__name__} evaluates the loss.*define `lip_loss"):
         trainer.fit(model, loader(random_data(64)))
     assert model.n_training_steps == 0
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _FailsInTraining(Classifier):
+    """Raises in ``training_step`` after the forward pass while ``fail``: inside ``optimizer.step(closure)``, after
+    the controller's throttle, while the projection follows the layers' applications. The callbacks' measurements
+    run in eval mode and pass."""
+
+    fail = True
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if self.training and self.fail:
+            raise _Interrupted
+        return loss
+
+
+def test_an_error_inside_the_first_step_leaves_no_hooks_and_the_scheduled_learning_rate(tmp_path):
+    """Lightning calls ``on_exception`` but no ``teardown`` after an error or an interrupt (Ctrl-C)."""
+    torch.manual_seed(0)
+    callbacks = four()
+    model = _FailsInTraining(cnn(), lr=20.0)
+    on_exception = OnExceptionCheckpoint(tmp_path)
+    trainer = Trainer(callbacks=[*callbacks, on_exception], **trainer_kwargs(tmp_path, enable_checkpointing=True))
+    with pytest.raises(_Interrupted):
+        trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    optimizer = trainer.optimizers[0]
+    assert callbacks[3].states[0].throttle < 0.5  # the step ran throttled
+    assert optimizer.param_groups[0]["lr"] == 20.0
+    saved = torch.load(on_exception.ckpt_path, weights_only=True)["optimizer_states"][0]
+    assert saved["param_groups"][0]["lr"] == 20.0  # not the throttled rate, which a resumed run would throttle again
+    assert not any(m._forward_hooks for m in model.modules())
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    assert not callbacks[0]._chains._outputs  # the step's autograd nodes, which hold its activations, let go
+
+    model.fail = False  # the same callbacks train the same model on
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_steps=4))
+    trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    assert callbacks[0].n_projections == 4 and trainer.optimizers[0].param_groups[0]["lr"] == 20.0
 
 
 class _CPUFSDP(FSDPStrategy):

@@ -415,13 +415,14 @@ class LayerChains:
     def stop(self) -> dict[str, int]:
         """Remove the hooks; return ``{name: k}`` of the layers applied ``k > 1`` times in a chain."""
         self.remove()
-        self._outputs = {}
         return {name: k for name, k in self.longest.items() if k > 1}
 
     def remove(self) -> None:
+        """Remove the hooks and drop the outputs followed (autograd nodes, which hold the step's activations)."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self._outputs = {}
 
 
 def _depth_upstream(args: tuple[Any, ...], outputs: dict[Any, int]) -> int:

@@ -592,6 +592,10 @@ class GradientNoiseEstimator(Callback):
         if stage == "fit":
             self._budget.stop(time.perf_counter())
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, trainer.state.fn)  # Lightning calls none after an error or interrupt
+
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()

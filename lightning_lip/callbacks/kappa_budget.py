@@ -625,6 +625,10 @@ class KappaBudgetProjection(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, trainer.state.fn)  # Lightning calls none after an error or interrupt
+
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -526,6 +526,24 @@ class CurvatureLRController(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._remove_hooks()
 
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        # Lightning calls no `teardown` after an error or an interrupt. One inside the step (the closure runs
+        # between its pre- and post-hook) leaves the throttled rates in the optimizer: the scheduled ones go back
+        # before an `OnExceptionCheckpoint` saves it (checkpoint callbacks run last) or the optimizer is used again.
+        if self._scheduled is not None and trainer.optimizers:
+            self._after_step(trainer.optimizers[0], (), {})
+        self.teardown(trainer, pl_module, trainer.state.fn)
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        # Saved inside the step (a SLURM requeue's signal handler saves wherever the step is): the scheduled rates,
+        # not this step's throttled ones, which a resumed run would take for scheduled and throttle again.
+        if self._scheduled is not None and checkpoint.get("optimizer_states"):
+            for group, lr in zip(checkpoint["optimizer_states"][0]["param_groups"], self._scheduled):
+                # a tensor rate is the live optimizer's own tensor (`state_dict` copies the groups, not their values)
+                group["lr"] = torch.full_like(group["lr"], lr) if isinstance(group["lr"], Tensor) else lr
+
     def _remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()

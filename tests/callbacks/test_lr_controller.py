@@ -338,6 +338,39 @@ def test_resume_continues_exactly(tmp_path):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("lr_type", ["float", "tensor"])
+def test_a_checkpoint_saved_inside_the_step_holds_the_scheduled_learning_rate(tmp_path, lr_type):
+    """Saved as a SLURM requeue's signal handler saves, wherever the step is: here inside ``optimizer.step(closure)``,
+    where the optimizer holds the throttled rate until the step's post-hook. A resumed run takes the saved rate for
+    the scheduled one and throttles it."""
+    lr = 0.25
+
+    class SavesInsideTheStep(Classifier):
+        save_at = 2
+
+        def on_after_backward(self):
+            if self.global_step == self.save_at:
+                self.during = float(self.trainer.optimizers[0].param_groups[0]["lr"])
+                self.trainer.save_checkpoint(tmp_path / "inside.ckpt")
+
+    def fit(root, save_at, ckpt=None):
+        model = SavesInsideTheStep(
+            mlp(), optimizer=lambda p: RecordingSGD(p, lr=torch.tensor(lr) if lr_type == "tensor" else lr)
+        )
+        model.save_at = save_at
+        callbacks = [FixedSignal(lambda step: 1.0), Half()]
+        trainer = Trainer(callbacks=callbacks, **trainer_kwargs(root, max_epochs=2, max_steps=5))
+        trainer.fit(model, loader(random_data(64)), ckpt_path=ckpt)
+        return model
+
+    model = fit(tmp_path / "a", save_at=2)
+    saved = torch.load(tmp_path / "inside.ckpt", weights_only=True)["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert model.during == 0.5 * lr and float(saved) == lr
+    assert model.optimizers().optimizer.used == [[0.5 * lr]] * 5  # the live (tensor) rate untouched by the save
+    resumed = fit(tmp_path / "b", save_at=None, ckpt=tmp_path / "inside.ckpt")
+    assert resumed.optimizers().optimizer.used == [[0.5 * lr]] * 3
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
