@@ -65,20 +65,31 @@ class Batch:
     seen: int = dataclasses.field(default=0, init=False)
 
 
+class Custom:
+    """The batch class of a custom ``collate_fn``: tensors in public attributes, something private, a ``to``."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y, self._source = x, y, "digits"
+
+    def to(self, device):
+        return Custom(self.x.to(device), self.y.to(device))
+
+
 class Unwrapping(Classifier):
-    """Takes its samples as a tuple, a named tuple, a mapping or a dataclass with ``x`` and ``y``."""
+    """Takes its samples as a tuple, a named tuple, a mapping, a dataclass or an object with ``x`` and ``y``."""
 
     def training_step(self, batch, batch_idx):
         if isinstance(batch, Mapping):
             batch = batch["x"], batch["y"]
-        elif isinstance(batch, Batch):
+        elif isinstance(batch, (Batch, Custom)):
+            assert not isinstance(batch, Custom) or batch._source == "digits"
             batch = batch.x, batch.y
         return super().training_step(tuple(batch), batch_idx)
 
 
 def collate(container):
     """Batches of (x, y) samples as a tuple, a named tuple, a dict that also holds file names and a 0-dim tensor, a
-    mapping class with an attribute, or a dataclass."""
+    mapping class with an attribute, a dataclass, or an object."""
 
     def to(items):
         x, y = default_collate(items)
@@ -90,6 +101,8 @@ def collate(container):
             return Encoding({"x": x, "y": y}, source="digits")
         if container == "dataclass":
             return Batch(x, y)
+        if container == "object":
+            return Custom(x, y)
         return {"names": [f"img{i}.png" for i in range(len(x))], "x": x, "y": y, "epoch": torch.tensor(0)}
 
     return to
@@ -134,17 +147,44 @@ def test_callback_order_does_not_change_results(tmp_path):
     assert_same(a, b)
 
 
-@pytest.mark.parametrize("container", ["namedtuple", "dict", "mapping", "dataclass"])
+@pytest.mark.parametrize("container", ["namedtuple", "dict", "mapping", "dataclass", "object"])
 def test_batches_in_other_containers_give_the_same_results(tmp_path, container):
     """The same samples as a named tuple, a dict that also holds file names and a 0-dim tensor, a mapping class (as
-    a tokenizer's ``BatchEncoding``) or a dataclass: every callback takes the same decisions as with the plain
-    tuple (the probe's copy rebuilt named tuples wrongly, per-sample gradients failed on the names, and mappings
-    other than dicts and dataclasses had no batch size)."""
+    a tokenizer's ``BatchEncoding``), a dataclass or an object: every callback takes the same decisions as with the
+    plain tuple (the probe's copy rebuilt named tuples wrongly, per-sample gradients failed on the names, and
+    mappings other than dicts, and objects other than dataclasses, had no batch size)."""
     plain, wrapped = four(), four()
     assert_same(summary(*run(tmp_path, plain), plain), summary(*run(tmp_path, wrapped, container=container), wrapped))
 
 
-@pytest.mark.parametrize("container", ["tuple", "namedtuple", "dataclass"])
+class _Opaque:
+    """A batch whose tensors sit in private storage, as a graph library's does."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self._store = {"x": x, "y": y}
+
+    def to(self, device):
+        return _Opaque(self._store["x"].to(device), self._store["y"].to(device))
+
+
+class _Unpacking(Classifier):
+    def training_step(self, batch, batch_idx):
+        return super().training_step((batch._store["x"], batch._store["y"]), batch_idx)
+
+
+def test_batches_whose_samples_cannot_be_found_stop_the_measurements_with_a_warning(tmp_path):
+    callbacks = four()
+    data = DataLoader(random_data(64, (1, 8, 8)), batch_size=16, collate_fn=lambda s: _Opaque(*default_collate(s)))
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    with pytest.warns(UserWarning, match="cannot find the samples of a _Opaque batch"):
+        trainer.fit(_Unpacking(cnn(), lr=2.0), data)
+    kappa, monitor, noise, controller = callbacks
+    assert kappa.n_projections == trainer.global_step == 8 and controller.states[0].throttle == 1.0
+    assert monitor.n_runs == noise.n_runs == 0
+    assert monitor.failure == noise.failure == "no samples found in a _Opaque batch"
+
+
+@pytest.mark.parametrize("container", ["tuple", "namedtuple", "dataclass", "object"])
 def test_resume_equals_uninterrupted(tmp_path, container):
     """The checkpoint loads with ``weights_only=True`` also where the probe holds batches of a class (it keeps
     their leaves, and the resumed run puts them back into its batches' structure)."""

@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_map
 from torchmetrics import Metric
 
 from lightning_lip.functional._stateless import LossFn, trainable_parameters
-from lightning_lip.functional.batch import batch_tree
+from lightning_lip.functional.batch import batch_tree, leading_sizes
 from lightning_lip.functional.spectral import Operator, layer_operator, sample_shape
 
 T = TypeVar("T")
@@ -468,6 +468,21 @@ def check_strategy(strategy: Strategy, owner: str) -> None:
             f"{owner} does not support sharded models (`strategy={type(strategy).__name__}`): it measures whole "
             'parameters. Train on one device or with `strategy="ddp"` (or "ddp_spawn", "ddp_fork").'
         )
+
+
+def sample_count(batch: Any, owner: str, warn: WarnOnce, consequence: str) -> int | None:
+    """The number of samples in ``batch``; ``None`` where no tensor in it has a leading batch dimension that the
+    callbacks can reach (a graph library's batch keeps its tensors in private storage), warned once with
+    ``consequence``."""
+    sizes = leading_sizes(batch)
+    if sizes:
+        return sizes[0]
+    warn(
+        "samples",
+        f"{owner} cannot find the samples of a {type(batch).__name__} batch: it holds no tensor with a leading batch "
+        f"dimension in tuples, lists, mappings, dataclasses or public attributes; {consequence}",
+    )
+    return None
 
 
 def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:

@@ -35,10 +35,11 @@ from lightning_lip.callbacks._common import (
     log_metrics,
     measurement_mode,
     module_loss,
+    sample_count,
     stepped_parameters,
     write_tensorboard_layout,
 )
-from lightning_lip.functional.batch import batch_size, leading_sizes, slice_batch
+from lightning_lip.functional.batch import leading_sizes, slice_batch
 from lightning_lip.functional.lanczos import warm_start
 from lightning_lip.functional.noise import (
     centred,
@@ -58,6 +59,7 @@ from lightning_lip.functional.spectral import (
 from lightning_lip.functional.stability import GradientMap, gradient_clipping, linear_step
 from lightning_lip.registry import LipRegistry
 
+_STOPPED = "no more noise measurements in this run."
 _DYNAMICS_TYPES = (nn.Linear, *CONV_TYPES)  # the layers whose Lipschitz dynamics are predicted
 
 
@@ -192,13 +194,13 @@ class GradientNoiseEstimator(Callback):
             type(self).__name__,
             self._warn,
             self._generator,
-            consequence="no more noise measurements in this run.",
+            consequence=_STOPPED,
         )
 
     @property
     def failure(self) -> str | None:
         """Why measurements stopped (neither ``torch.func`` nor ``torch.autograd`` can differentiate the model's
-        loss), or ``None``."""
+        loss, or a batch's samples cannot be found), or ``None``."""
         return self._differentiation.failure
 
     @property
@@ -312,7 +314,11 @@ class GradientNoiseEstimator(Callback):
         # short window; a `training_step` that returned None) takes that fraction of the mean gradient.
         micro_batches = min(max(self._n_backward, 1), trainer.accumulate_grad_batches)
         self._gradient_scale = micro_batches / trainer.accumulate_grad_batches
-        step_batch = _effective_batch(trainer, batch_size(self._batch) * trainer.world_size, micro_batches)
+        n = sample_count(self._batch, type(self).__name__, self._warn, _STOPPED)
+        if n is None:
+            self._differentiation.failure = f"no samples found in a {type(self._batch).__name__} batch"
+            return
+        step_batch = _effective_batch(trainer, n * trainer.world_size, micro_batches)
         if follow_up:
             self._expected = self._predict(trainer, optimizer, self._sample, step_batch, follow_up=True)
             self._sample = None

@@ -36,11 +36,12 @@ from lightning_lip.callbacks._common import (
     log_metrics,
     measurement_mode,
     module_loss,
+    sample_count,
     stepped_parameters,
     tensorboard_writer,
     write_tensorboard_layout,
 )
-from lightning_lip.functional.batch import batch_size, batch_tree
+from lightning_lip.functional.batch import batch_tree
 from lightning_lip.functional.hvp import hvp_operator
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density, warm_start
 from lightning_lip.functional.stability import is_preconditioned, preconditioner, stability_threshold
@@ -49,6 +50,7 @@ from lightning_lip.registry import LipRegistry
 # Residual bar / tol of a cold start, whose lambda_1 component may be tiny: at lambda_2/lambda_1 = 0.99 it never
 # certified lambda_2 in 2000 starts (lanczos' default 0.1: 7 times). A warm start holds lambda_1's direction: 1.
 _COLD_RESIDUAL_FACTOR = 0.01
+_STOPPED = "no more Hessian measurements in this run (a CurvatureLRController holds its throttle)."
 
 
 class HessianEigenMonitor(Callback):
@@ -162,7 +164,7 @@ class HessianEigenMonitor(Callback):
         """The state of a new training run."""
         self.n_runs = 0
         self.n_skipped = 0
-        self.failure: str | None = None  # why measurements stopped: the loss cannot be differentiated twice
+        self.failure: str | None = None  # why measurements stopped: no second derivative, no samples in the batches
         self.last: dict[str, float] = {}
         self._probe: list[Any] = []
         self._probe_size = 0
@@ -205,9 +207,11 @@ class HessianEigenMonitor(Callback):
     ) -> None:
         if self._probe_leaves:
             self._probe = self._restored_probe(batch)
-        if self.data == "fixed" and self._probe_size < self.num_samples:
-            self._probe.append(detached(batch))
-            self._probe_size += batch_size(batch)
+        if self.failure is None and self.data == "fixed" and self._probe_size < self.num_samples:
+            size = self._sample_count(batch)
+            if size is not None:
+                self._probe.append(detached(batch))
+                self._probe_size += size
         step = trainer.global_step
         if step == self._last_step or self.failure is not None or not self.should_run(step):
             return
@@ -219,9 +223,10 @@ class HessianEigenMonitor(Callback):
 
     def measure(self, trainer: Trainer, pl_module: LightningModule, probe: list[Any]) -> dict[str, float] | None:
         """Run Lanczos on the probe batches; publish and return the metrics, or ``None`` if there is nothing to
-        measure yet (lazy modules before their first forward pass, Adam & co. before their first step) or at all."""
+        measure yet (lazy modules before their first forward pass, Adam & co. before their first step) or at all
+        (measurements have stopped: :attr:`failure`)."""
         start = time.perf_counter()
-        if any(is_lazy(p) for p in pl_module.parameters()):
+        if self.failure is not None or any(is_lazy(p) for p in pl_module.parameters()):
             return None
         optimizer = trainer.optimizers[0] if trainer.optimizers else None
         params = stepped_parameters(pl_module, trainer.optimizers[:1])
@@ -235,7 +240,9 @@ class HessianEigenMonitor(Callback):
             scaling = preconditioner(optimizer, [named[n] for n in params])
             if scaling is None:
                 return None  # before the first step there is no preconditioner yet
-        sizes = [batch_size(b) for b in probe]
+        sizes = [self._sample_count(b) for b in probe]
+        if None in sizes:
+            return None
         with isolate_rng(), measurement_mode(pl_module, batch_norm_train=self.bn_mode == "train"):
             hvp = hvp_operator(pl_module, module_loss(pl_module), probe, sizes, params)
             matvec = self._distributed(trainer, hvp, float(sum(sizes)), scaling)
@@ -258,9 +265,8 @@ class HessianEigenMonitor(Callback):
                     residual_factor=1.0 if warm else _COLD_RESIDUAL_FACTOR,
                 )
             except RuntimeError as error:
-                consequence = "no more Hessian measurements in this run (a CurvatureLRController holds its throttle)."
                 reason = first_line(error)
-                self.failure = differentiation_failure(reason, type(self).__name__, self._warn, consequence, pl_module)
+                self.failure = differentiation_failure(reason, type(self).__name__, self._warn, _STOPPED, pl_module)
                 self.n_skipped += 1
                 return {"lip/hessian/n_skipped": float(self.n_skipped)}
             density = None
@@ -367,6 +373,13 @@ class HessianEigenMonitor(Callback):
             return hv if scaling is None else hv * scaling
 
         return matvec
+
+    def _sample_count(self, batch: Any) -> int | None:
+        """The number of samples in ``batch``; ``None`` where they cannot be found, and measurements stop."""
+        size = sample_count(batch, type(self).__name__, self._warn, _STOPPED)
+        if size is None:
+            self.failure = f"no samples found in a {type(batch).__name__} batch"
+        return size
 
     def _restored_probe(self, batch: Any) -> list[Any]:
         """A checkpoint's probe, its leaves put back into the structure of ``batch``: the checkpoint keeps leaves

@@ -318,9 +318,11 @@ class CurvatureLRController(Callback):
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         # No signal before the first measurement: measure once on this batch, so that the first steps are guarded too
-        # (on the next batch again if there is nothing to measure yet: lazy modules, Adam before its first step).
+        # (on the next batch again if there is nothing to measure yet: lazy modules, Adam before its first step; not
+        # where measurements have stopped: no samples found in the batch).
         if self._controls and "hessian/lambda_max" not in LipRegistry.of(trainer) and not self._bootstrapped:
-            self._bootstrapped = (self._probe or self._make_probe()).measure(trainer, pl_module, [batch]) is not None
+            probe = self._probe or self._make_probe()
+            self._bootstrapped = probe.measure(trainer, pl_module, [batch]) is not None or probe.failure is not None
 
     def _signal(self, trainer: Trainer, registry: LipRegistry, step: int) -> float | None:
         """``lambda_max`` no older than ``max_age`` steps at ``step``, max-reduced over ranks; ``None`` if absent or

@@ -1,5 +1,6 @@
 """Batches as the callbacks meet them: a tensor, or tensors and other entries (file names, metadata) nested in
-tuples, named tuples, lists, mappings (a tokenizer's ``BatchEncoding``) and dataclasses.
+tuples, named tuples, lists, mappings (a tokenizer's ``BatchEncoding``), dataclasses and objects whose public
+attributes hold tensors (the batch class of a custom ``collate_fn``).
 
 Their samples are the tensors whose leading dimension is the batch size; every other entry belongs to the batch as
 a whole. :func:`batch_tree` opens the containers into plain dicts, lists and tuples, the pytree ``torch.func``
@@ -24,16 +25,17 @@ def batch_tree(batch: Any) -> tuple[Any, Rebuild]:
     that structure (other leaves: sliced, copied, batched by ``vmap``) back into ``batch``'s own containers."""
     if isinstance(batch, Tensor):
         return batch, _same
-    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
-        tree, rebuild = batch_tree({f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)})
+    fields = _fields(batch)
+    if fields is not None:
+        tree, rebuild = batch_tree(fields)
 
-        def rebuild_dataclass(t: dict[str, Any]) -> Any:
+        def rebuild_object(t: dict[str, Any]) -> Any:
             out = copy.copy(batch)  # no `__init__`/`__post_init__` again: fields set with `init=False` stay
             for name, value in rebuild(t).items():
                 object.__setattr__(out, name, value)  # frozen dataclasses too
             return out
 
-        return tree, rebuild_dataclass
+        return tree, rebuild_object
     if isinstance(batch, MutableMapping):
         keys = list(batch)
         parts = [batch_tree(batch[k]) for k in keys]
@@ -91,6 +93,17 @@ def slice_batch(batch: Any, start: int, stop: int) -> Any:
     """Samples ``start:stop`` of ``batch``, in its own containers; entries that are not per sample are kept whole."""
     tree, rebuild = batch_tree(batch)
     return rebuild(slice_tree(tree, sample_dims(tree, batch_size(batch)), start, stop))
+
+
+def _fields(batch: Any) -> dict[str, Any] | None:
+    """A dataclass's fields, or the public attributes of another object (a batch class of a custom ``collate_fn``)
+    where one of them is a tensor; ``None`` for anything else (a leaf)."""
+    if isinstance(batch, type):
+        return None
+    if dataclasses.is_dataclass(batch):
+        return {f.name: getattr(batch, f.name) for f in dataclasses.fields(batch)}
+    attributes = {k: v for k, v in getattr(batch, "__dict__", {}).items() if not k.startswith("_")}
+    return attributes if any(isinstance(v, Tensor) for v in attributes.values()) else None
 
 
 def _is_batched(leaf: Any, n: int) -> bool:

@@ -1,4 +1,5 @@
 import dataclasses
+import types
 from collections import OrderedDict, defaultdict, namedtuple
 
 import pytest
@@ -56,3 +57,19 @@ def test_batch_size_and_slices_take_the_per_sample_tensors_only():
     with pytest.raises(ValueError, match="batch size"):
         batch_size({"names": ["a", "b"], "step": torch.tensor(3)})
     assert leading_sizes(batch) == [4, 2] and leading_sizes({"names": ["a"], "step": torch.tensor(3)}) == []
+
+
+class Custom:
+    def __init__(self, x, tag):
+        self.x, self.tag, self._private = x, tag, torch.zeros(1)
+
+
+def test_objects_open_on_their_public_attributes_where_one_is_a_tensor():
+    batch = {"custom": Custom(torch.randn(4, 2), "t"), "plain": types.SimpleNamespace(name="a"), "class": Custom}
+    tree, _ = batch_tree(batch)
+    assert set(tree["custom"]) == {"x", "tag"} and tree["plain"] is batch["plain"] and tree["class"] is Custom
+    assert batch_size(batch) == 4
+    part = slice_batch(batch, 1, 3)
+    assert type(part["custom"]) is Custom and torch.equal(part["custom"].x, batch["custom"].x[1:3])
+    assert part["custom"].tag == "t" and part["custom"]._private is batch["custom"]._private
+    assert part["plain"] is batch["plain"] and batch["custom"].x.shape == (4, 2)  # the batch itself is untouched
