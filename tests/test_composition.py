@@ -517,6 +517,31 @@ def test_sharded_strategies_are_a_clear_error_at_setup(tmp_path, strategy, index
             torch.distributed.destroy_process_group()  # the strategy's, a group of one process
 
 
+class _Picky(Classifier):
+    """A ``training_step`` that insists on the loader's batch size, as code that reshapes by it does; in eval mode
+    (the monitor's measurements) it raises something else again."""
+
+    def training_step(self, batch, batch_idx):
+        assert len(batch[0]) == 16, "expected batches of 16"
+        if not self.training:
+            raise KeyError("train-only")
+        return super().training_step(batch, batch_idx)
+
+
+def test_a_loss_that_raises_on_the_callbacks_batches_stops_their_measurements_not_training(tmp_path):
+    """Not only ``RuntimeError``: an assertion fails on the estimator's batches of one (also under ``vmap``), a
+    ``KeyError`` on the monitor's probe."""
+    monitor, noise = HessianEigenMonitor(every_n_steps=2), GradientNoiseEstimator(every_n_steps=2)
+    trainer = Trainer(callbacks=[monitor, noise, CurvatureLRController()], **trainer_kwargs(tmp_path, max_epochs=2))
+    with pytest.warns(UserWarning, match="cannot differentiate this model's loss"):
+        trainer.fit(_Picky(cnn(), lr=2.0), loader(random_data(64, (1, 8, 8))))
+    assert trainer.global_step == 8 and monitor.n_runs == noise.n_runs == 0
+    assert monitor.failure == "KeyError: 'train-only'"
+    assert noise.failure == "torch.func: AssertionError: expected batches of 16; torch.autograd: AssertionError: " + (
+        "expected batches of 16"
+    )
+
+
 class _Checkpointed(torch.nn.Module):
     """Activation checkpointing: torch.func refuses its saved-tensor hooks; plain autograd differentiates the
     non-reentrant variant twice, not the reentrant one (``reentrant=None``: no checkpointing)."""

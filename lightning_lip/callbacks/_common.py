@@ -110,7 +110,9 @@ class Differentiation:
     until its transforms refuse the model (activation checkpointing's saved-tensor hooks, an ``autograd.Function``
     without ``setup_context``, ``.item()`` in ``training_step``, ...), from then on with plain ``torch.autograd``, a
     loop over the samples (warned once: slower), and not at all once that fails too (:attr:`failure`, the reasons,
-    warned once). Out-of-memory errors are raised again.
+    warned once): whatever the user's loss raises on batches of one or under ``vmap`` (an assertion on the batch
+    size, a metric that needs two classes) stops the measurements, not training. Out-of-memory errors are raised
+    again.
 
     Args:
         owner: the callback's name, for the warnings.
@@ -130,7 +132,7 @@ class Differentiation:
         state = self._generator.get_state()
         try:
             return attempt(self.autograd)
-        except RuntimeError as error:
+        except Exception as error:  # the user's loss, run on sub-batches, batches of one, under vmap
             if self.autograd:
                 reason = first_line(error)
                 self.failure = differentiation_failure(reason, self._owner, self._warn, self._consequence, pl_module)
@@ -139,7 +141,7 @@ class Differentiation:
         self._generator.set_state(state)
         try:
             result = attempt(True)
-        except RuntimeError as error:
+        except Exception as error:
             reason = f"torch.func: {func_reason}; torch.autograd: {first_line(error)}"
             self.failure = differentiation_failure(reason, self._owner, self._warn, self._consequence, pl_module)
             return None
@@ -167,11 +169,15 @@ def differentiation_failure(
     return reason
 
 
-def first_line(error: RuntimeError) -> str:
-    """The first line of ``error``'s message; out-of-memory errors are raised again."""
-    if isinstance(error, torch.OutOfMemoryError):
+def first_line(error: Exception) -> str:
+    """The first line of ``error``'s message, after its type unless a ``RuntimeError`` (torch's errors, and what
+    ``torch.func`` raises on what it cannot transform); out-of-memory errors are raised again."""
+    if isinstance(error, (torch.OutOfMemoryError, MemoryError)):
         raise error
-    return next(iter(str(error).strip().splitlines()), type(error).__name__)
+    line = next(iter(str(error).strip().splitlines()), "")
+    if isinstance(error, RuntimeError) and line:
+        return line
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__
 
 
 def tensorboard_writer(trainer: pl.Trainer) -> Any | None:

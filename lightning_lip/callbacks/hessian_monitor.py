@@ -264,7 +264,7 @@ class HessianEigenMonitor(Callback):
                     generator=self._generator,
                     residual_factor=1.0 if warm else _COLD_RESIDUAL_FACTOR,
                 )
-            except RuntimeError as error:
+            except Exception as error:  # the user's loss, run on the probe in eval mode
                 reason = first_line(error)
                 self.failure = differentiation_failure(reason, type(self).__name__, self._warn, _STOPPED, pl_module)
                 self.n_skipped += 1

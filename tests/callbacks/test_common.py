@@ -47,11 +47,25 @@ def test_fails_with_both_reasons_and_the_remedy_then_stays_failed():
     assert diff.failure == "torch.func: func failed; torch.autograd: autograd failed"
 
 
-def test_out_of_memory_is_raised_in_either_attempt():
-    def attempt(autograd):
-        raise torch.OutOfMemoryError("out of memory") if autograd else RuntimeError("func failed")
+def test_any_error_of_the_loss_stops_the_measurements_named_by_its_type():
+    """The user's loss runs on batches of one and under ``vmap``: an assertion on the batch size or a metric that
+    needs two classes must stop the measurements, not training."""
 
-    with pytest.raises(torch.OutOfMemoryError):
+    def attempt(autograd):
+        raise ValueError("Only one class present in y_true") if autograd else AssertionError()
+
+    diff = differentiation()
+    with pytest.warns(UserWarning, match="cannot differentiate"):
+        assert diff(attempt, Classifier(mlp())) is None
+    assert diff.failure == "torch.func: AssertionError; torch.autograd: ValueError: Only one class present in y_true"
+
+
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError("out of memory"), MemoryError("pass a smaller chunk_size")])
+def test_out_of_memory_is_raised_in_either_attempt(error):
+    def attempt(autograd):
+        raise error if autograd else RuntimeError("func failed")
+
+    with pytest.raises(type(error)):
         differentiation()(attempt, Classifier(mlp()))
 
 
