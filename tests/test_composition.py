@@ -542,6 +542,42 @@ def test_a_loss_that_raises_on_the_callbacks_batches_stops_their_measurements_no
     )
 
 
+class _KeywordCalls(torch.nn.Module):
+    """Layers called with their input by keyword (``conv(input=x)``), one of them three times in a chain."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+        self.up = torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1)
+        self.head = torch.nn.Linear(2 * 16 * 16, 4)
+        self.loop = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = F.relu(self.up(input=F.relu(self.conv(input=x)), output_size=[16, 16]))
+        out = self.head(input=h.flatten(1))
+        for _ in range(3):
+            out = self.loop(input=F.relu(out))
+        return out
+
+
+def test_layers_called_with_their_input_by_keyword(tmp_path):
+    """Forward hooks see such an input among the keyword arguments (it stopped training with an IndexError): the
+    convolutions are measured on their shapes (the transposed one with the output size asked for), and the chain is
+    found."""
+    torch.manual_seed(0)
+    kappa = KappaBudgetProjection(max_lipschitz=100.0, audit_every_n_steps=1)
+    callbacks = [kappa, *four()[1:]]
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    model = Classifier(_KeywordCalls(), lr=0.5)
+    with pytest.warns(UserWarning, match=r"several times in a chain.*net\.loop \(3x\)"):
+        trainer.fit(model, loader(random_data(64, (1, 8, 8))))
+    up = torch.nn.ConvTranspose2d(4, 2, 3, stride=2, padding=1, output_padding=1)  # what output_size=[16, 16] asks
+    up.load_state_dict(model.net.up.state_dict())
+    assert kappa.sigmas["net.conv"] == pytest.approx(dense_operator_norm(model.net.conv, (1, 8, 8)), rel=1e-5)
+    assert kappa.sigmas["net.up"] == pytest.approx(dense_operator_norm(up, (4, 8, 8)), rel=1e-5)  # audited, 1e-5
+    assert all(c.n_runs > 0 and c.failure is None for c in callbacks[1:3])
+
+
 class _Checkpointed(torch.nn.Module):
     """Activation checkpointing: torch.func refuses its saved-tensor hooks; plain autograd differentiates the
     non-reentrant variant twice, not the reentrant one (``reentrant=None``: no checkpointing)."""

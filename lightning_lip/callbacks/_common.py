@@ -330,10 +330,13 @@ class LayerShapes:
         forward)."""
         for name, layer in layers.items():
             if not isinstance(layer, nn.Linear) and name not in self._handles:
-                self._handles[name] = layer.register_forward_hook(partial(self._record, name))
+                self._handles[name] = layer.register_forward_hook(partial(self._record, name), with_kwargs=True)
 
-    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> None:
-        self.update(name, (sample_shape(module, args[0]), sample_shape(module, output)))
+    def _record(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Tensor
+    ) -> None:
+        x = args[0] if args else kwargs["input"]  # `conv(input=x)`
+        self.update(name, (sample_shape(module, x), sample_shape(module, output)))
 
     def update(self, name: str, shapes: tuple[tuple[int, ...], tuple[int, ...]]) -> None:
         """Take ``(input_shape, output_shape)`` of one sample of layer ``name`` into the elementwise maxima."""
@@ -403,13 +406,14 @@ class LayerChains:
         self.remove()
         self.longest = dict.fromkeys(groups, 0)
         self._outputs = {name: {} for name in groups}
-        self._handles = [m.register_forward_hook(partial(self._record, name)) for name, g in groups.items() for m in g]
+        hooks = [(m, partial(self._record, name)) for name, group in groups.items() for m in group]
+        self._handles = [m.register_forward_hook(hook, with_kwargs=True) for m, hook in hooks]
 
-    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    def _record(self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
         if _measuring or torch.compiler.is_compiling() or not isinstance(output, Tensor):
             return
         outputs = self._outputs[name]
-        depth = 1 + (_depth_upstream(args, outputs) if outputs else 0)
+        depth = 1 + (_depth_upstream((*args, *kwargs.values()), outputs) if outputs else 0)
         if output.grad_fn is not None:
             outputs[output.grad_fn] = depth
         self.longest[name] = max(self.longest[name], depth)
