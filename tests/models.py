@@ -115,6 +115,18 @@ class OldStyleReLU(nn.Module):
         return _ReLUWithoutSetupContext.apply(x)
 
 
+class SamePaddingConv2d(nn.Conv2d):
+    """timm's ``Conv2dSame``: ``'same'`` padding worked out in ``forward`` (asymmetric at stride 2), the module's own
+    ``padding`` 0: its operator is not that of ``nn.Conv2d`` with these attributes."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(reversed(x.shape[-2:]), reversed(self.kernel_size), reversed(self.stride)):
+            total = max((-(-size // s) - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        return F.conv2d(F.pad(x, pads), self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
+
+
 class Classifier(LightningModule):
     """Cross-entropy classifier around ``net`` with plain SGD (``momentum`` optional), or the optimizer that
     ``optimizer(parameters)`` makes, over the parameters that require grad."""

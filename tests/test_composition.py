@@ -35,6 +35,7 @@ from tests.models import (
     Classifier,
     Encoding,
     OldStyleReLU,
+    SamePaddingConv2d,
     cnn,
     conv1d,
     loader,
@@ -576,6 +577,26 @@ def test_layers_called_with_their_input_by_keyword(tmp_path):
     assert kappa.sigmas["net.conv"] == pytest.approx(dense_operator_norm(model.net.conv, (1, 8, 8)), rel=1e-5)
     assert kappa.sigmas["net.up"] == pytest.approx(dense_operator_norm(up, (4, 8, 8)), rel=1e-5)  # audited, 1e-5
     assert all(c.n_runs > 0 and c.failure is None for c in callbacks[1:3])
+
+
+def test_a_layer_subclass_with_its_own_forward_is_neither_projected_nor_given_dynamics(tmp_path, recwarn):
+    """timm's ``Conv2dSame`` pads in ``forward``: the operator of ``nn.Conv2d`` with its attributes is another (2.4 %
+    below its norm in ``test_spectral``), so it is listed among the layers left out, not certified wrongly."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        SamePaddingConv2d(1, 4, 3, stride=2), torch.nn.ReLU(), torch.nn.Conv2d(4, 4, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 4),
+    )  # fmt: skip
+    callbacks = four()
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(Classifier(net, lr=0.5), loader(random_data(64, (1, 8, 8))))
+    warned = " ".join(str(w.message) for w in recwarn)
+    assert "net.0 (SamePaddingConv2d: its own forward, not that of the layer it extends)" in warned
+    assert "no Lipschitz dynamics for layers whose weight is computed" in warned and "forward" in warned
+    kappa, _, noise, _ = callbacks
+    assert set(kappa.sigmas) == {"net.2", "net.5"}
+    assert "lip/noise/drift/net.2" in noise.last and "lip/noise/drift/net.0" not in noise.last
+    assert "lip/noise/snr/net.0" in noise.last  # its gradients count
 
 
 class _Checkpointed(torch.nn.Module):

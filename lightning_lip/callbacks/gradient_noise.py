@@ -52,6 +52,7 @@ from lightning_lip.functional.per_sample import per_sample_grads
 from lightning_lip.functional.spectral import (
     CONV_TYPES,
     current_weight,
+    is_supported,
     lanczos_svd,
     random_start,
     weight_pruning,
@@ -261,18 +262,23 @@ class GradientNoiseEstimator(Callback):
     def _attach_trained(self) -> None:
         """Record the shapes of the trained convolutions, as they join, from the measurement that finds them trained
         on (its per-sample forward passes run the hooks); a frozen one has no dynamics, and no hook slows it."""
-        self._shapes.attach({n: m for n, m in self._layers.items() if isinstance(m, CONV_TYPES) and _trained(m)})
+        self._shapes.attach({n: m for n, m in self._layers.items() if _has_dynamics(m, CONV_TYPES) and _trained(m)})
 
     def _warn_computed(self) -> None:
         """Warn once about the layers without dynamics (again where more join them: a parametrization registered
         during fit)."""
-        computed = [n for n, m in self._layers.items() if isinstance(m, _DYNAMICS_TYPES) and not _stepped_weight(m)]
+        computed = [
+            n
+            for n, m in self._layers.items()
+            if isinstance(m, _DYNAMICS_TYPES) and not (_has_dynamics(m) and _stepped_weight(m))
+        ]
         if computed:
             self._warn(
                 f"computed/{computed}",
                 f"{type(self).__name__}: no Lipschitz dynamics for layers whose weight is computed (parametrized, or "
-                "recomputed by a hook other than pruning's), as the optimizer steps other tensors: "
-                f"{', '.join(computed)}. Their gradients count in the noise statistics and their SNR.",
+                "recomputed by a hook other than pruning's), as the optimizer steps other tensors, or whose class has "
+                f"its own forward (it may pad or standardize first): {', '.join(computed)}. Their gradients count in "
+                "the noise statistics and their SNR.",
             )
 
     @override
@@ -403,7 +409,7 @@ class GradientNoiseEstimator(Callback):
                 metrics[f"lip/noise/snr/{layer_name}"] = (signal / noise).item()
         weights, seen = {}, set()
         for name, layer in self._layers.items():
-            stepped = _stepped_weight(layer) if isinstance(layer, _DYNAMICS_TYPES) else None
+            stepped = _stepped_weight(layer) if _has_dynamics(layer) else None
             key = None if stepped is None else names[id(stepped[0])]
             if key in per_param and key not in seen and (isinstance(layer, nn.Linear) or name in self._shapes.shapes):
                 seen.add(key)  # a tied weight once
@@ -650,6 +656,12 @@ def _trained(layer: nn.Module) -> bool:
     """Whether the optimizer moves ``layer.weight``: it requires grad, or so does a tensor it is computed from."""
     stepped = _stepped_weight(layer)
     return stepped[0].requires_grad if stepped is not None else any(p.requires_grad for p in layer.parameters())
+
+
+def _has_dynamics(layer: nn.Module, kinds: tuple[type, ...] = _DYNAMICS_TYPES) -> bool:
+    """Whether ``layer``'s Lipschitz dynamics can be predicted: one of ``kinds`` whose operator is known
+    (:func:`~lightning_lip.functional.spectral.is_supported`)."""
+    return isinstance(layer, kinds) and is_supported(layer)
 
 
 def _dynamics_layers(module: nn.Module, prefix: str = "") -> dict[str, nn.Module]:

@@ -42,6 +42,7 @@ from lightning_lip.callbacks._common import (
 )
 from lightning_lip.functional.lanczos import warm_start
 from lightning_lip.functional.spectral import (
+    SUPPORTED_LAYERS,
     Operator,
     SingularTriplet,
     absorb_fixed,
@@ -352,6 +353,8 @@ class KappaBudgetProjection(Callback):
                 if _weight_source(module) not in weights:
                     weights.add(_weight_source(module))
                     covered[name] = module
+            elif isinstance(module, SUPPORTED_LAYERS) and not is_supported(module):
+                excluded.append(f"{name} ({type(module).__name__}: its own forward, not that of the layer it extends)")
             elif is_supported(module) or any(True for _ in module.parameters(recurse=False)):
                 excluded.append(f"{name} ({type(module).__name__})")
             elif isinstance(module, _NORM_LAYERS):

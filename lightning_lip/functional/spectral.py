@@ -53,8 +53,14 @@ class SingularTriplet:
 
 
 def is_supported(module: nn.Module) -> bool:
-    """Whether :func:`layer_operator` can build the true operator of ``module``."""
-    return isinstance(module, SUPPORTED_LAYERS)
+    """Whether :func:`layer_operator` can build the true operator of ``module``: a ``Linear``, ``ConvNd`` or
+    ``ConvTransposeNd`` whose class computes what its base class computes. A subclass that overrides ``forward`` (or
+    a convolution's ``_conv_forward``) may pad, standardize or quantize before it applies the weight (timm's
+    ``Conv2dSame`` pads in ``forward``, its ``StdConv2d`` standardizes the weight): its operator is another."""
+    base = next((kind for kind in SUPPORTED_LAYERS if isinstance(module, kind)), None)
+    return base is not None and all(
+        getattr(type(module), method, None) is getattr(base, method, None) for method in ("forward", "_conv_forward")
+    )
 
 
 def current_weight(module: nn.Module) -> Tensor:

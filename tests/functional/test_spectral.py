@@ -10,6 +10,7 @@ from lightning_lip.functional.spectral import (
     _with_adjoint,
     absorb_fixed,
     alternating_power_iteration,
+    is_supported,
     lanczos_svd,
     layer_operator,
     operator_norm,
@@ -20,6 +21,7 @@ from lightning_lip.functional.spectral import (
     rescale_weight,
     uniform_budget,
 )
+from tests.models import SamePaddingConv2d
 from tests.reference import dense_operator, dense_operator_norm
 
 # (layer factory, one-sample input shape): strides, paddings ('same', 'valid', ints), padding modes, dilations,
@@ -350,3 +352,28 @@ def test_linear_operator_adjoint_is_the_transpose():
     torch.testing.assert_close(y, layer.weight.detach() @ v, rtol=1e-15, atol=1e-15)
     dense = dense_operator(layer, (7,))  # jacrev of the module's own forward
     torch.testing.assert_close(adjoint(u), dense.T @ u, rtol=1e-14, atol=1e-14)
+
+
+class _StandardizedConv2d(nn.Conv2d):  # timm's StdConv2d, in short: the weight standardized before it is applied
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, (weight - weight.mean((1, 2, 3), keepdim=True)), bias)
+
+
+class _Marked(nn.Linear):  # as torch's NonDynamicallyQuantizableLinear: a subclass that computes the same
+    pass
+
+
+def test_a_subclass_with_its_own_forward_is_not_supported():
+    """Its operator is another: the kernel-based one is 2.4 % below the dense norm of timm's ``Conv2dSame`` here."""
+    torch.manual_seed(0)
+    same = SamePaddingConv2d(1, 4, 3, stride=2)
+    plain = nn.Conv2d(1, 4, 3, stride=2)
+    plain.load_state_dict(same.state_dict())
+    assert dense_operator_norm(plain, (1, 8, 8)) < 0.99 * dense_operator_norm(same, (1, 8, 8))
+    assert not is_supported(same) and not is_supported(_StandardizedConv2d(1, 4, 3)) and is_supported(plain)
+    weight_normalized = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3))
+    assert is_supported(_Marked(2, 2)) and is_supported(nn.LazyConv2d(4, 3)) and is_supported(weight_normalized)
+    assert is_supported(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2)) and is_supported(
+        nn.ConvTranspose3d(1, 1, 2)
+    )
+    assert not is_supported(nn.Bilinear(2, 2, 2)) and not is_supported(nn.Embedding(3, 2))
