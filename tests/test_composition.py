@@ -1023,3 +1023,24 @@ def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path, variant):
     assert rank0["metrics"]["monitored"][1] == pytest.approx(rank0["metrics"]["throttle"][0]["throttle"], rel=1e-7)
     assert any("parametrizations" in key for key in rank0["params"]) == bool(variant)
     assert len(rank0["metrics"]["sigmas"]) == 3 and math.prod(rank0["metrics"]["sigmas"].values()) <= 3.0 * (1 + 1e-2)
+
+
+@pytest.mark.slow
+def test_ddp_a_measurement_that_fails_on_one_rank_stops_on_every_rank(tmp_path):
+    """The loss raises inside the measurements on rank 1 only: rank 0 must not wait for it in a collective. Both
+    stop measuring at the same point (rank 0 with the reason that another rank failed) and train on alike."""
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_rank_failure.py", tmp_path)
+    assert rank0["global_step"] == rank1["global_step"] == 8 and rank0["used"] == rank1["used"]
+    for key in rank0["params"]:
+        assert torch.equal(rank0["params"][key], rank1["params"][key]), key
+    assert rank1["failures"] == (
+        "KeyError: 'only on rank 1'",
+        "torch.func: KeyError: 'only on rank 1'; " + ("torch.autograd: KeyError: 'only on rank 1'"),
+    )
+    assert rank0["failures"] == (
+        "the Hessian-vector product failed on another rank",
+        "the measurement failed on another rank",
+    )
+    assert rank0["runs"] == rank1["runs"] == (0, 0)

@@ -375,10 +375,13 @@ class GradientNoiseEstimator(Callback):
         n = min(sizes[0], self.max_samples)
         sub = slice_batch(batch, 0, n)
         grads = self._differentiation(partial(self._per_sample_grads, pl_module, sub, params), pl_module)
-        if grads is None:
+        local = None if grads is None else torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1)
+        flat = self._gather(trainer, local)
+        if flat is None:
             self.n_skipped += 1
+            if local is not None:  # another rank's failed: no rank measures again, so that their collectives match
+                self._differentiation.failure = "the measurement failed on another rank"
             return None
-        flat = self._gather(trainer, torch.cat([g.reshape(g.shape[0], -1) for g in grads.values()], 1))
         self.n_runs += 1
         stats = noise_statistics(flat, self.k) if flat.shape[0] >= 2 else None
         if stats is None or not (stats.trace.isfinite() and stats.grad_norm_sq.isfinite()):  # NaN reaches both
@@ -437,11 +440,16 @@ class GradientNoiseEstimator(Callback):
             self._sample_optimizer = _optimizer_index(trainer, optimizer)
         return metrics
 
-    def _gather(self, trainer: Trainer, flat: Tensor) -> Tensor:
-        """``[B, P]`` per-sample gradients of this rank -> the global batch's (truncated to the smallest rank's)."""
+    def _gather(self, trainer: Trainer, flat: Tensor | None) -> Tensor | None:
+        """``[B, P]`` per-sample gradients of this rank -> the global batch's (truncated to the smallest rank's);
+        ``None`` where a rank has none (its measurement failed): every rank skips alike, and none is left waiting in
+        a collective the others do not enter."""
         if trainer.world_size == 1:
             return flat
-        n = int(trainer.strategy.reduce(torch.tensor(float(flat.shape[0]), device=flat.device), reduce_op="min"))
+        rows = torch.tensor(0.0 if flat is None else float(flat.shape[0]), device=trainer.strategy.root_device)
+        n = int(trainer.strategy.reduce(rows, reduce_op="min"))
+        if flat is None or n == 0:
+            return None
         gathered = trainer.strategy.all_gather(flat[:n].contiguous())
         return gathered.reshape(-1, flat.shape[1])
 

@@ -358,7 +358,9 @@ class HessianEigenMonitor(Callback):
         return warm_start(self._eigenvector.to(first.device), noise, self.warm_mix), True
 
     def _distributed(self, trainer: Trainer, hvp: Any, n_local: float, scaling: Tensor | None) -> Any:
-        """Average the product over ranks weighted by probe size, and precondition it (Adam & co.)."""
+        """Average the product over ranks weighted by probe size, and precondition it (Adam & co.). A rank whose
+        product raises says so in the same collective, and every rank raises there: a rank that left the
+        measurement alone would leave the others waiting in the next collective."""
         world = trainer.world_size
         n_total = n_local
         if world > 1:  # on the strategy's device: NCCL reduces device tensors only
@@ -367,9 +369,19 @@ class HessianEigenMonitor(Callback):
 
         def matvec(v: Tensor) -> Tensor:
             x = v if scaling is None else v * scaling
-            hv = hvp(x)
-            if world > 1:
-                hv = trainer.strategy.reduce(hv * n_local, reduce_op="sum") / n_total
+            if world == 1:
+                hv = hvp(x)
+            else:
+                error: Exception | None = None
+                try:
+                    hv = hvp(x) * n_local
+                except Exception as caught:  # the user's loss on the probe (see `measure`)
+                    error, hv = caught, torch.zeros_like(x)
+                failed = hv.new_ones(1) * (error is not None)
+                both = trainer.strategy.reduce(torch.cat([hv.flatten(), failed]), reduce_op="sum")
+                if both[-1] > 0:
+                    raise error or RuntimeError("the Hessian-vector product failed on another rank")
+                hv = both[:-1].view_as(x) / n_total
             return hv if scaling is None else hv * scaling
 
         return matvec
