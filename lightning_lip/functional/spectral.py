@@ -104,14 +104,20 @@ def layer_operator(
 
     Returns:
         A function mapping a tensor of ``input_shape`` to a tensor of the output shape.
+
+    Raises:
+        ValueError: ``module`` is not supported (:func:`is_supported`), or a convolution has no ``input_shape``.
     """
+    if not is_supported(module):
+        raise ValueError(
+            f"Expected one of {[t.__name__ for t in SUPPORTED_LAYERS]} with their own computation (no subclass with "
+            f"another forward), got {type(module).__name__}."
+        )
     weight = current_weight(module).detach() if weight is None else weight
     if weight.dtype in (torch.float16, torch.bfloat16):
         weight = weight.float()
     if isinstance(module, nn.Linear):
         return _MatrixOperator(weight)
-    if not isinstance(module, CONV_TYPES + CONV_TRANSPOSE_TYPES):
-        raise ValueError(f"Expected one of {[t.__name__ for t in SUPPORTED_LAYERS]}, got {type(module).__name__}.")
     if input_shape is None:
         raise ValueError(f"`input_shape` is required for {type(module).__name__}.")
     nd = len(module.kernel_size)

@@ -371,6 +371,8 @@ def test_a_subclass_with_its_own_forward_is_not_supported():
     plain.load_state_dict(same.state_dict())
     assert dense_operator_norm(plain, (1, 8, 8)) < 0.99 * dense_operator_norm(same, (1, 8, 8))
     assert not is_supported(same) and not is_supported(_StandardizedConv2d(1, 4, 3)) and is_supported(plain)
+    with pytest.raises(ValueError, match="SamePaddingConv2d"):
+        layer_operator(same, (1, 8, 8))
     weight_normalized = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(1, 4, 3))
     assert is_supported(_Marked(2, 2)) and is_supported(nn.LazyConv2d(4, 3)) and is_supported(weight_normalized)
     assert is_supported(nn.modules.linear.NonDynamicallyQuantizableLinear(2, 2)) and is_supported(
