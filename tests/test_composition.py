@@ -599,6 +599,33 @@ def test_a_layer_subclass_with_its_own_forward_is_neither_projected_nor_given_dy
     assert "lip/noise/snr/net.0" in noise.last  # its gradients count
 
 
+class _RelativeStep(torch.optim.Optimizer):
+    """As transformers' ``Adafactor(lr=None, relative_step=True)``: the group's ``lr`` is ``None``, the optimizer sets
+    its own step size."""
+
+    def __init__(self, params):
+        super().__init__(params, dict(lr=None))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            loss = None if closure is None else closure()
+        for p in (p for group in self.param_groups for p in group["params"] if p.grad is not None):
+            p.add_(p.grad, alpha=-0.05)
+        return loss
+
+
+def test_an_optimizer_without_a_numeric_learning_rate(tmp_path, recwarn):
+    """``float(group["lr"])`` stopped training in the controller's step hook and in the estimator's step map."""
+    callbacks = four()
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2))
+    trainer.fit(Classifier(cnn(), optimizer=_RelativeStep), loader(random_data(64, (1, 8, 8))))
+    kappa, monitor, noise, controller = callbacks
+    assert trainer.global_step == 8 and monitor.n_runs == noise.n_runs == 4
+    assert controller.states[0].throttle == 1.0 and trainer.optimizers[0].param_groups[0]["lr"] is None
+    assert "learning rates are [None], not numbers" in " ".join(str(w.message) for w in recwarn)
+
+
 class _Checkpointed(torch.nn.Module):
     """Activation checkpointing: torch.func refuses its saved-tensor hooks; plain autograd differentiates the
     non-reentrant variant twice, not the reentrant one (``reentrant=None``: no checkpointing)."""

@@ -339,6 +339,14 @@ class CurvatureLRController(Callback):
             return
         if len(self.states) < len(optimizer.param_groups):
             self._match_groups(optimizer)
+        if not all(isinstance(group["lr"], (float, int, Tensor)) for group in optimizer.param_groups):
+            lrs = [group["lr"] for group in optimizer.param_groups]
+            self._warn(
+                "lr",
+                f"CurvatureLRController: {type(optimizer).__name__}'s learning rates are {lrs}, not numbers (an "
+                "optimizer that sets its own step size, as Adafactor with `relative_step`): no control.",
+            )
+            return
         registry, step = LipRegistry.of(trainer), trainer.global_step
         lam = self._signal(trainer, registry, step)
         self._scheduled = [float(group["lr"]) for group in optimizer.param_groups]

@@ -197,6 +197,8 @@ def _linear_step(
     optimizer: torch.optim.Optimizer, param: Tensor, group: dict[str, Any], grad: Tensor | None
 ) -> LinearStep | None:
     """:func:`linear_step` in the gradient the optimizer receives."""
+    if not isinstance(optimizer, (torch.optim.SGD, *PRECONDITIONED)):
+        return None  # no step map known (nor, maybe, a number for the rate: Adafactor's relative step has none)
     p = param.detach()
     lr, wd, state = float(group["lr"]), float(group.get("weight_decay", 0.0)), optimizer.state.get(param, {})
     if isinstance(optimizer, torch.optim.SGD):
@@ -210,8 +212,6 @@ def _linear_step(
         else:
             a, carried = 1.0 - damp, beta * buf
         return LinearStep(-lr * (carried + a * wd * p), torch.tensor(-lr * a, dtype=p.dtype, device=p.device))
-    if not isinstance(optimizer, PRECONDITIONED):
-        return None
     if not _has_stepped(optimizer, state):
         if grad is None:  # no preconditioner yet, and none to compute for the first step
             return None
