@@ -19,7 +19,8 @@ SCRIPTS = Path(__file__).parent / "scripts"
 
 def run_ddp(script: str, out: Path, *args: str, timeout: float = 300) -> list[dict]:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).parent.parent))
-    env.pop("LOCAL_RANK", None)
+    for key in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):  # left by earlier tests
+        env.pop(key, None)
     proc = subprocess.run(
         [sys.executable, str(SCRIPTS / script), str(out), *args],
         env=env,
