@@ -236,8 +236,9 @@ class CurvatureLRController(Callback):
         return 1.0 if self.mode == "guard" else self.margin
 
     def threshold(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
-        """Stability threshold on :math:`\\eta\\lambda_{max}` for ``group``; ``None`` (no control) if unknown or
-        ``optimizer`` is not one of :attr:`CONTROLLED_OPTIMIZERS`."""
+        """Stability threshold on :math:`\\eta\\lambda_{max}` for ``group`` (an override must return a finite number
+        ``> 0``, else the step raises a ``ValueError``); ``None`` (no control) if unknown or ``optimizer`` is not one
+        of :attr:`CONTROLLED_OPTIMIZERS`."""
         return stability_threshold(optimizer, group) if isinstance(optimizer, self.CONTROLLED_OPTIMIZERS) else None
 
     def throttle(self, ratio: float, state: ThrottleState) -> float:
@@ -353,6 +354,10 @@ class CurvatureLRController(Callback):
         rows = []
         for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
             threshold = self.threshold(optimizer, group)
+            if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+                raise ValueError(
+                    f"{type(self).__name__}.threshold must return None or a finite number > 0, got {threshold!r}."
+                )
             if threshold is None:
                 self._warn("threshold", _no_control(optimizer, group))
             elif lam is not None:

@@ -371,6 +371,21 @@ def test_a_checkpoint_saved_inside_the_step_holds_the_scheduled_learning_rate(tm
     assert resumed.optimizers().optimizer.used == [[0.5 * lr]] * 3
 
 
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan])
+def test_a_threshold_override_that_returns_no_positive_number_is_a_clear_error(tmp_path, value):
+    """It divided by zero (or throttled on a negative ratio); the scheduled rate is back in the optimizer after."""
+
+    class Broken(CurvatureLRController):
+        def threshold(self, optimizer, group):
+            return value
+
+    model = Classifier(mlp(), lr=0.25)
+    trainer = Trainer(callbacks=[FixedSignal(lambda step: 1.0), Broken()], **trainer_kwargs(tmp_path))
+    with pytest.raises(ValueError, match="Broken.threshold must return None or a finite number > 0"):
+        trainer.fit(model, loader(random_data(16)))
+    assert trainer.optimizers[0].param_groups[0]["lr"] == 0.25
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
