@@ -52,6 +52,14 @@ def save_rank(trainer, out: str, result: dict) -> None:
     """Write this rank's ``result`` for :func:`run_ddp`, then destroy the process group (see
     :class:`DestroyProcessGroup`)."""
     torch.save(result, f"{out}/rank{trainer.global_rank}.pt")
+    destroy_process_group()
+
+
+def destroy_process_group() -> None:
+    """Destroy the process group after a barrier. Waiting there releases the GIL, which lets gloo's worker threads
+    free the tensors of the last collectives: torch 2.4's group destructor joins those threads while holding the GIL,
+    and deadlocked with a worker that still needed it (under pytest, in each of three runs)."""
+    torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
@@ -63,4 +71,4 @@ class DestroyProcessGroup(Callback):
 
     def teardown(self, trainer, pl_module, stage):
         if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+            destroy_process_group()

@@ -51,7 +51,8 @@ class Scheduled(Classifier):
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx):
-        self.last_lrs.append(list(self.lr_schedulers().get_last_lr()))
+        # as numbers: torch 2.4's `get_last_lr` holds a tensor rate itself, which the scheduler sets in place later
+        self.last_lrs.append([float(lr) for lr in self.lr_schedulers().get_last_lr()])
 
     def configure_optimizers(self):
         name, _, lr_type = self.schedule.partition("-")
@@ -104,7 +105,7 @@ def test_scheduler_twin_sees_the_schedule_and_the_optimizer_half_of_it(tmp_path,
         fit(tmp_path, model, callbacks, max_epochs=4)
         (group,) = model.optimizers().optimizer.param_groups
         assert not schedule.endswith("tensor") or group["lr"] is model.initial_lr
-        return model.optimizers().optimizer.used, [[float(lr) for lr in row] for row in model.last_lrs]
+        return model.optimizers().optimizer.used, model.last_lrs
 
     used_twin, last_twin = run([])
     used, last = run([FixedSignal(lambda step: 1.0), Half()])

@@ -195,7 +195,7 @@ def test_plain_autograd_loop_through_activation_checkpointing():
     """``vmap`` refuses checkpointing's saved-tensor hooks; the loop equals one backward per sample."""
     module = _Checkpointed().double()
     x, y = torch.randn(7, 6, dtype=torch.float64), torch.randint(0, 3, (7,))
-    with pytest.raises(RuntimeError, match="saved tensor hooks"):
+    with pytest.raises(RuntimeError, match="saved tensor hooks|does not have vmap support"):  # torch 2.13 | 2.4
         per_sample_grads(module, ce, (x, y))
     got = per_sample_grads(module, ce, (x, y), autograd=True)
     for name, expected in loop_grads(module, (x, y)).items():
