@@ -8,6 +8,7 @@ from collections import UserDict
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -152,6 +153,34 @@ class Classifier(LightningModule):
         if self.make_optimizer is not None:
             return self.make_optimizer(params)
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
+
+
+class OverflowsAt(Classifier):
+    """A classifier whose loss is multiplied by ``1e30`` at the steps in ``overflow_steps``: under a GradScaler the
+    half-precision backward overflows there, and the scaler skips the step. Records each step's loss and the
+    scaler's scale when the batch ends, and the global steps whose ``optimizer.step`` ran."""
+
+    def __init__(self, net: nn.Module, overflow_steps: tuple[int, ...] = (), **kwargs) -> None:
+        super().__init__(net, **kwargs)
+        self.overflow_steps = overflow_steps
+        self.losses, self.scales, self.stepped = [], [], []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * 1e30 if self.trainer.global_step in self.overflow_steps else loss
+
+    def on_fit_start(self):
+        self.optimizers().optimizer.register_step_post_hook(lambda *_: self.stepped.append(self.trainer.global_step))
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].item())
+        self.scales.append(self.trainer.precision_plugin.scaler.get_scale())
+
+
+def fp16_grad_scaler(**kwargs) -> MixedPrecision:
+    """``precision="16-mixed"`` on CPU (float16 autocast and a GradScaler, ``kwargs`` its arguments), which the
+    Trainer's flag turns into bfloat16 there."""
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", **kwargs))
 
 
 class GAN(LightningModule):

@@ -32,8 +32,10 @@ from tests.models import (
     Classifier,
     Encoding,
     OldStyleReLU,
+    OverflowsAt,
     cnn,
     conv1d,
+    fp16_grad_scaler,
     loader,
     mlp,
     random_data,
@@ -265,6 +267,19 @@ def test_bf16_autocast_on_cpu(tmp_path):
     kappa, monitor, noise, controller = callbacks
     assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
     assert kappa.bound <= 3.0 * (1 + 1e-2) and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_float16_autocast_with_a_grad_scaler_that_skips_a_step(tmp_path):
+    """``precision="16-mixed"`` (its GradScaler on CPU): the step whose gradients overflow is skipped by the scaler,
+    and by the projection; every measurement stays finite."""
+    callbacks = four()
+    model = OverflowsAt(cnn(), overflow_steps=(2,), lr=2.0, momentum=0.5)
+    run(tmp_path, callbacks, model=model, plugins=[fp16_grad_scaler(init_scale=2.0**8)])
+    kappa, monitor, noise, controller = callbacks
+    assert model.stepped == [0, 1, 3, 4, 5, 6, 7] and kappa.n_projections == 7
+    assert math.isfinite(monitor.last["lip/hessian/lambda_max"]) and math.isfinite(noise.last["lip/noise/trace"])
+    assert kappa.bound <= 3.0 * (1 + 1e-2) and all(torch.isfinite(p).all() for p in model.parameters())
+    assert controller.states[0].n_emergencies == 0 and 0 < controller.states[0].throttle <= 1
 
 
 class Unlogged(Classifier):

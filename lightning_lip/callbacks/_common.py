@@ -469,6 +469,14 @@ def held_parameters(optimizers: list[torch.optim.Optimizer], module: nn.Module) 
     return (held & own) or own
 
 
+def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
+    """The enabled ``GradScaler`` of ``trainer``'s precision plugin (``precision="16-mixed"``), or ``None``. It
+    multiplies the loss before ``on_before_backward`` sees it, and skips the optimizer steps whose gradients
+    overflow, lowering its scale."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+
+
 def check_strategy(strategy: Strategy, owner: str) -> None:
     """Raise at setup under a sharded strategy, as Lightning's ``StochasticWeightAveraging`` does: each process
     holds shards of the parameters (``FSDPStrategy``, ``DeepSpeedStrategy``) or distributed tensors

@@ -308,6 +308,7 @@ class GradientNoiseEstimator(Callback):
         if self._batch is None or self._stepped == (trainer.global_step, id(optimizer)):
             return  # LBFGS runs this hook with every evaluation of its closure: once a step
         self._stepped = (trainer.global_step, id(optimizer))
+        self._expected = None  # a prediction still here was for a step never taken (a GradScaler skipped it)
         # the measured optimizer's next step
         follow_up = self._sample is not None and _optimizer_index(trainer, optimizer) == self._sample_optimizer
         due = self.failure is None and self.should_run(trainer.global_step + 1)

@@ -28,6 +28,7 @@ from lightning_lip.callbacks._common import (
     check_int,
     check_loss_source,
     check_strategy,
+    grad_scaler,
     log_for_monitors,
     log_on_logger_steps,
     write_tensorboard_layout,
@@ -95,10 +96,11 @@ class CurvatureLRController(Callback):
     where :math:`\lambda_{max}` is measured every few; spikes need a positive loss (cross-entropy, MSE), and with a
     negative one the bound stays at ``margin``. A non-finite loss (any rank, any accumulated micro-batch)
     multiplies ``s`` by ``emergency_factor``; with ``skip_nonfinite=True`` the gradients are checked too (one fused
-    pass over them) and the step's update is dropped (gradients set to ``None``). Under DDP the step loss is the
-    mean over ranks. The loss is read once a step (LBFGS: its first closure evaluation), and acted on for that
-    very step whether ``on_before_optimizer_step`` runs inside ``optimizer.step`` or before it (a GradScaler's
-    order, ``precision="16-mixed"``).
+    pass over them) and the step's update is dropped (gradients set to ``None``), except under a GradScaler
+    (``precision="16-mixed"``), which skips the steps whose gradients overflow by itself. Under DDP the step loss
+    is the mean over ranks. The loss is read once a step (LBFGS: its first closure evaluation), without a
+    GradScaler's scale, and acted on for that very step whether ``on_before_optimizer_step`` runs inside
+    ``optimizer.step`` or before it (a GradScaler's order).
 
     Logged: ``lip/lr/effective``, ``scheduled``, ``throttle``, ``ratio`` (:math:`s\,r`, effective), ``bound``,
     ``threshold``, ``signal`` (with several param groups, for the least stable one, plus
@@ -406,7 +408,9 @@ class CurvatureLRController(Callback):
         bad, loss = float(not self._loss_finite), self._step_loss * trainer.accumulate_grad_batches
         loss /= max(self._n_losses, 1)
         self._loss_finite, self._step_loss, self._n_losses = True, 0.0, 0
-        groups = optimizer.param_groups if self.skip_nonfinite else []  # only then are the gradients read
+        # Only then are the gradients read; a GradScaler's overflowing gradients are its own to skip (it drops
+        # that step's update and lowers its scale), routine, not an emergency.
+        groups = optimizer.param_groups if self.skip_nonfinite and grad_scaler(trainer) is None else []
         params = [p for group in groups for p in group["params"] if p.grad is not None]
         if params and not bad:  # the gradients themselves: one fused pass over them (a sparse one's values)
             grads = [p.grad._values() if p.grad.is_sparse else p.grad for p in params]
@@ -465,6 +469,9 @@ class CurvatureLRController(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         # every micro-batch; `.item()` of the scalar loss is ~20x cheaper than a `torch.isfinite` dispatch
         value = loss.item() if loss.numel() == 1 else float(loss.detach().sum())
+        scaler = grad_scaler(trainer)
+        if scaler is not None:  # the loss as the module computed it, not times a scale that doubles as it grows
+            value /= scaler.get_scale()
         self._loss_finite = self._loss_finite and math.isfinite(value)
         self._step_loss += value
         self._n_losses += 1

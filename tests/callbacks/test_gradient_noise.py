@@ -14,7 +14,19 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
 from lightning_lip.callbacks._common import TimeBudget
-from tests.models import GAN, Classifier, Finetuned, NoisyInputs, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import (
+    GAN,
+    Classifier,
+    Finetuned,
+    NoisyInputs,
+    OverflowsAt,
+    cnn,
+    fp16_grad_scaler,
+    loader,
+    mlp,
+    random_data,
+    trainer_kwargs,
+)
 from tests.reference import dense_operator_norm
 
 
@@ -717,3 +729,27 @@ def test_convolution_sigmas_of_measurements_and_follow_ups_equal_the_dense_norm(
     torch.manual_seed(0)
     fit(tmp_path, Classifier(cnn(), momentum=0.9), random_data(64, (1, 8, 8)), [Checked(every_n_steps=3)], max_epochs=2)
     assert checked.count(False) >= 4 and checked.count(True) >= 8  # 2 conv layers: measurements and follow-ups
+
+
+def test_a_prediction_for_a_step_the_grad_scaler_skipped_is_dropped(tmp_path):
+    """``precision="16-mixed"``: the GradScaler skips a step whose gradients overflow, and its step hooks do not run.
+    The prediction made for that step was observed at the next step taken instead, a step it did not predict."""
+
+    class Paired(GradientNoiseEstimator):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            if self._expected is not None:
+                self.predicted.append(trainer.global_step)
+
+        def _on_optimizer_step(self, trainer, optimizer, args, kwargs):
+            if self._expected is not None:
+                self.observed.append(trainer.global_step)
+            super()._on_optimizer_step(trainer, optimizer, args, kwargs)
+
+    noise = Paired(every_n_steps=3)
+    noise.predicted, noise.observed = [], []
+    model = OverflowsAt(mlp(), overflow_steps=(3,), lr=0.05)
+    fit(tmp_path, model, random_data(128), [noise], plugins=[fp16_grad_scaler(init_scale=2.0**8)])
+    assert 3 not in model.stepped and len(model.stepped) == 7  # steps 0..7; the scaler skipped step 3
+    assert noise.n_runs == 2 and noise.predicted == [3, 6]  # measured at steps 2 and 5, followed up at 3 and 6
+    assert noise.observed == [6]

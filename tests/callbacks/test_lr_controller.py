@@ -8,7 +8,7 @@ from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.plugins.precision import Precision
 
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
-from tests.models import Classifier, Finetuned, loader, mlp, random_data, trainer_kwargs
+from tests.models import Classifier, Finetuned, OverflowsAt, fp16_grad_scaler, loader, mlp, random_data, trainer_kwargs
 
 
 def RecordingSGD(*args, **kwargs):  # noqa: N802
@@ -462,10 +462,10 @@ def test_nonfinite_gradient_with_a_finite_loss_is_caught_when_skipping(tmp_path)
     ("loss", "finite"),
     [(1.0, True), (math.nan, False), (math.inf, False), ([1.0, 2.0], True), ([1.0, math.nan], False)],
 )
-def test_loss_check_of_scalar_and_non_scalar_losses(loss, finite):
+def test_loss_check_of_scalar_and_non_scalar_losses(tmp_path, loss, finite):
     """Scalar losses are read with `.item()`; a non-scalar one (manual optimization) is checked element-wise."""
     controller = CurvatureLRController()
-    controller.on_before_backward(None, None, torch.tensor(loss))
+    controller.on_before_backward(Trainer(**trainer_kwargs(tmp_path)), None, torch.tensor(loss))
     assert controller._loss_finite is finite
 
 
@@ -652,3 +652,22 @@ def test_event_counters_reach_every_logging_step_but_are_passed_to_log_only_when
     seen = [(recorder.counts[t], t // 5) for t in logged]  # changed since the last logging step, or a new epoch
     changed = [i == 0 or seen[i] != seen[i - 1] for i in range(len(seen))]
     assert sum(changed) < len(logged) and model.passed == [counters if c else [] for c in changed]
+
+
+def test_under_a_grad_scaler_the_loss_is_read_unscaled_and_overflows_are_no_emergency(tmp_path):
+    """``precision="16-mixed"``: Lightning hands ``on_before_backward`` the loss times the GradScaler's scale. Read
+    as is, every doubling of the scale was a loss spike that halved the bound (15 spikes in 32 steps here). With
+    ``skip_nonfinite`` the gradients of the steps the scaler skips for overflowing were an emergency that cut the LR
+    (the scaler drops those updates itself)."""
+    controller = CurvatureLRController(skip_nonfinite=True)
+    model = OverflowsAt(mlp(), lr=0.05)
+    scaler = fp16_grad_scaler(init_scale=2.0**10, growth_interval=2)
+    fit(tmp_path, model, [FixedSignal(lambda step: 1.0), controller], max_epochs=8, plugins=[scaler])
+    changes = [b / a for a, b in zip(model.scales, model.scales[1:]) if a != b]
+    assert 2.0 in changes and 0.5 in changes  # the scale grew, and the scaler skipped overflowing steps
+    assert len(model.stepped) < len(model.losses) == 32
+    average = model.losses[0]
+    for loss in model.losses[1:]:
+        average = controller.LOSS_EMA_DECAY * average + (1 - controller.LOSS_EMA_DECAY) * loss
+    assert controller.loss_ema == pytest.approx(average, rel=1e-6)  # float16 losses read back in float32
+    assert controller.n_spikes == 0 and controller.states[0].n_emergencies == 0
