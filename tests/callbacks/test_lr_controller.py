@@ -669,5 +669,5 @@ def test_under_a_grad_scaler_the_loss_is_read_unscaled_and_overflows_are_no_emer
     average = model.losses[0]
     for loss in model.losses[1:]:
         average = controller.LOSS_EMA_DECAY * average + (1 - controller.LOSS_EMA_DECAY) * loss
-    assert controller.loss_ema == pytest.approx(average, rel=1e-6)  # float16 losses read back in float32
+    assert controller.loss_ema == pytest.approx(average, rel=1e-12)  # scaling by a power of two is exact
     assert controller.n_spikes == 0 and controller.states[0].n_emergencies == 0
