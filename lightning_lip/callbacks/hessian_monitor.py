@@ -334,7 +334,8 @@ class HessianEigenMonitor(Callback):
         for group in optimizer.param_groups:
             threshold = stability_threshold(optimizer, group)
             if threshold is None:
-                self._warn("optimizer", f"No stability threshold is known for {type(optimizer).__name__}.")
+                ascent = " with maximize=True" if group.get("maximize", False) else ""
+                self._warn("optimizer", f"No stability threshold is known for {type(optimizer).__name__}{ascent}.")
                 return {}
             eta_lambda = float(group["lr"]) * lam_max
             if not worst or eta_lambda / threshold > worst["lip/hessian/stability_ratio"]:

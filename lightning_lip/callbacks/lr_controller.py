@@ -609,6 +609,8 @@ def _set_lr(group: dict[str, Any], lr: float) -> None:
 def _no_control(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> str:
     """Why the controller leaves ``optimizer`` alone."""
     name = type(optimizer).__name__
+    if group.get("maximize", False):
+        return f"{name} with maximize=True ascends the loss, stable by lambda_min, not lambda_max: no control."
     if stability_threshold(optimizer, group) is None:
         return f"No stability threshold is known for {name}: no control."
     return (

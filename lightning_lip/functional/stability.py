@@ -33,8 +33,11 @@ PRECONDITIONED = tuple(_SECOND_MOMENT)
 
 
 def stability_threshold(optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
-    """The bound on ``lr * lambda_max`` of ``optimizer``'s param ``group`` (on the preconditioned Hessian for
-    :data:`PRECONDITIONED` optimizers); ``None`` for other optimizers."""
+    r"""The bound on ``lr * lambda_max`` of ``optimizer``'s param ``group`` (on the preconditioned Hessian for
+    :data:`PRECONDITIONED` optimizers); ``None`` for other optimizers, and with ``maximize=True`` (gradient ascent
+    is bounded by the smallest eigenvalue, :math:`-\lambda_{min}`, not :math:`\lambda_{max}`)."""
+    if group.get("maximize", False):
+        return None
     if isinstance(optimizer, _EMA_MOMENTUM):
         beta1 = group["betas"][0]
         return (2 + 2 * beta1) / (1 - beta1)

@@ -453,6 +453,15 @@ def test_stability_ratio_uses_the_least_stable_param_group(tmp_path):
     assert monitor.last["lip/hessian/eta_lambda_max"] == pytest.approx(0.3 * lam)
 
 
+def test_gradient_ascent_gets_no_stability_ratio(tmp_path):
+    """``maximize=True``: stability depends on ``-lambda_min`` (``tests/functional/test_stability.py``)."""
+    monitor = HessianEigenMonitor(every_n_steps=2)
+    model = Classifier(mlp(), optimizer=lambda params: torch.optim.SGD(params, lr=0.1, maximize=True))
+    with pytest.warns(UserWarning, match="No stability threshold is known for SGD with maximize=True"):
+        fit(tmp_path, model, random_data(64), [monitor])
+    assert monitor.n_runs == 2 and "lip/hessian/stability_ratio" not in monitor.last
+
+
 def test_density_against_the_dense_spectrum_and_in_tensorboard(tmp_path):
     from lightning.pytorch.loggers import TensorBoardLogger
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -671,3 +671,13 @@ def test_under_a_grad_scaler_the_loss_is_read_unscaled_and_overflows_are_no_emer
         average = controller.LOSS_EMA_DECAY * average + (1 - controller.LOSS_EMA_DECAY) * loss
     assert controller.loss_ema == pytest.approx(average, rel=1e-12)  # scaling by a power of two is exact
     assert controller.n_spikes == 0 and controller.states[0].n_emergencies == 0
+
+
+def test_gradient_ascent_is_left_alone(tmp_path):
+    """``maximize=True`` ascends the loss: its stability is set by ``-lambda_min``, not ``lambda_max``. The
+    controller throttled it on ``lambda_max`` as if it descended."""
+    controller = CurvatureLRController()
+    model = Classifier(mlp(), optimizer=lambda params: RecordingSGD(params, lr=0.01, maximize=True))
+    with pytest.warns(UserWarning, match="maximize=True ascends the loss"):
+        fit(tmp_path, model, [FixedSignal(lambda step: 1000.0), controller])  # lr * lambda_max / 2 = 5
+    assert model.optimizers().optimizer.used == [[0.01]] * 4 and controller.states[0].throttle == 1.0

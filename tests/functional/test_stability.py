@@ -12,7 +12,7 @@ from lightning_lip.functional.stability import (
 
 
 def run_quadratic(make_optimizer, lam, steps=3000):
-    """Minimize lam/2 * theta^2 with a real torch optimizer; return |theta_T| / |theta_0|."""
+    """Minimize lam/2 * theta^2 with a real torch optimizer (maximize, if it ascends); return |theta_T| / |theta_0|."""
     theta = torch.nn.Parameter(torch.ones(1, dtype=torch.float64))
     opt = make_optimizer([theta])
     for _ in range(steps):
@@ -42,6 +42,21 @@ def test_adam_threshold_value_and_unknown_optimizer():
     assert stability_threshold(adam, adam.param_groups[0]) == pytest.approx(38.0)
     nadam = torch.optim.NAdam([torch.nn.Parameter(torch.zeros(1))])
     assert stability_threshold(nadam, nadam.param_groups[0]) is None
+
+
+@pytest.mark.parametrize("make", [torch.optim.SGD, torch.optim.Adam])
+def test_gradient_ascent_has_no_threshold_on_lambda_max(make):
+    optimizer = make([torch.nn.Parameter(torch.zeros(1))], lr=0.1, maximize=True)
+    assert stability_threshold(optimizer, optimizer.param_groups[0]) is None
+
+
+def test_gradient_ascent_is_bounded_by_the_smallest_eigenvalue():
+    """Why ``maximize=True`` has no threshold on ``lr * lambda_max``: ascending ``lam/2 theta^2`` with ``lam < 0``
+    (``lambda_max = lambda_min = lam``) is stable iff ``lr * (-lambda_min) < 2``, whatever ``lambda_max`` is."""
+    lr = 0.1
+    below = run_quadratic(lambda p: torch.optim.SGD(p, lr=lr, maximize=True), -0.99 * 2 / lr)
+    above = run_quadratic(lambda p: torch.optim.SGD(p, lr=lr, maximize=True), -1.01 * 2 / lr)
+    assert below < 1e-3 and above > 1e3
 
 
 @pytest.mark.parametrize(
