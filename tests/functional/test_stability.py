@@ -52,7 +52,7 @@ def test_gradient_ascent_has_no_threshold_on_lambda_max(make):
 
 def test_gradient_ascent_is_bounded_by_the_smallest_eigenvalue():
     """Why ``maximize=True`` has no threshold on ``lr * lambda_max``: ascending ``lam/2 theta^2`` with ``lam < 0``
-    (``lambda_max = lambda_min = lam``) is stable iff ``lr * (-lambda_min) < 2``, whatever ``lambda_max`` is."""
+    (``lambda_max = lambda_min = lam``) is stable iff ``lr * (-lambda_min) < 2``, while ``lr * lambda_max < 0``."""
     lr = 0.1
     below = run_quadratic(lambda p: torch.optim.SGD(p, lr=lr, maximize=True), -0.99 * 2 / lr)
     above = run_quadratic(lambda p: torch.optim.SGD(p, lr=lr, maximize=True), -1.01 * 2 / lr)
