@@ -25,7 +25,10 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def median_step(times: list[float], warmup: int = 3) -> float:
+WARMUP_STEPS = 3  # steps left out of a median: the first calls pay one-time costs (allocations, cold starts)
+
+
+def median_step(times: list[float], warmup: int = WARMUP_STEPS) -> float:
     return statistics.median(times[warmup:])
 
 

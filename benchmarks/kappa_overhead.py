@@ -35,7 +35,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import StepTimer, median_step, quiet_trainer  # noqa: E402
+from _timing import WARMUP_STEPS, StepTimer, median_step, quiet_trainer  # noqa: E402
 
 from lightning_lip import KappaBudgetProjection  # noqa: E402
 from lightning_lip.functional import operator_norm  # noqa: E402
@@ -140,11 +140,14 @@ def overhead(args) -> None:
         )
 
 
+AMORTIZED_WARMUP = 10
+
+
 def amortized(args) -> None:
     """The callback at its defaults (``max_lipschitz=0.5``: over budget; audits every 1000 steps, per-layer logging)
     over runs long enough to hold an audit and logging steps (a CSVLogger writing every 50 steps): its own time,
-    projections and logging hook, over the training time without it; the first 10 steps (cold starts) are left
-    out."""
+    projections and logging hook, over the training time without it; the first ``AMORTIZED_WARMUP`` steps (cold
+    starts) are left out."""
     print(f"\n## Amortized at the defaults ({args.optimizer}, {args.amortized_steps} steps, median of 3 runs)\n")
     print("| model | share of the step: per-step median | amortized | of which logging |")
     print("|---|---|---|---|")
@@ -166,11 +169,13 @@ def amortized(args) -> None:
                 callbacks=[projection, timer],
             )
             trainer.fit(Model(make(), args.optimizer), data)
-            own = sum(projection.times[10:]) + sum(projection.log_times[10:])
-            train = sum(timer.times[10:]) - own
-            medians.append(statistics.median(projection.times[10:]) / statistics.median(timer.times[10:]))
+            skip = AMORTIZED_WARMUP
+            steps, projecting, logs = timer.times[skip:], projection.times[skip:], projection.log_times[skip:]
+            own = sum(projecting) + sum(logs)
+            train = sum(steps) - own
+            medians.append(statistics.median(projecting) / statistics.median(steps))
             shares.append(own / train)
-            logging.append(sum(projection.log_times[10:]) / train)
+            logging.append(sum(logs) / train)
         print(
             f"| {name} | {100 * statistics.median(medians):.1f}% | {100 * statistics.median(shares):.1f}% "
             f"| {100 * statistics.median(logging):.1f}% |"
@@ -234,6 +239,12 @@ if __name__ == "__main__":
     parser.add_argument("--amortized-steps", type=int, default=1000, help="0 skips the amortized part")
     parser.add_argument("--optimizer", choices=["sgd", "adamw"], default="sgd")
     args = parser.parse_args()
+    if args.steps <= WARMUP_STEPS:
+        parser.error(f"--steps must exceed the {WARMUP_STEPS} warm-up steps, got {args.steps}")
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
+    if 0 < args.amortized_steps <= AMORTIZED_WARMUP:
+        parser.error(f"--amortized-steps must be 0 or exceed the {AMORTIZED_WARMUP} warm-up steps")
     overhead(args)
     if args.amortized_steps > 0:
         amortized(args)

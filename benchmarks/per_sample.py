@@ -222,6 +222,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--memory-child", nargs=2)
     args = parser.parse_args()
+    if args.repeats < 2:
+        parser.error(f"--repeats must be at least 2 (the first repeat is a warm-up), got {args.repeats}")
     torch.set_num_threads(1)
     if args.memory_child:
         peak_memory_child(args.memory_child[0], int(args.memory_child[1]))
