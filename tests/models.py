@@ -155,6 +155,24 @@ class Classifier(LightningModule):
         return torch.optim.SGD(params, lr=self.lr, momentum=self.momentum)
 
 
+class HalvesItsInput(Classifier):
+    """Halves its input in ``training_step``: in place (``x *= 0.5``, as ``x /= 255`` normalizes a batch) where
+    ``in_place`` and the process's rank is in ``ranks`` (every rank by default), else out of place; the same loss
+    either way."""
+
+    def __init__(self, net: nn.Module, in_place: bool = True, ranks: tuple[int, ...] | None = None, **kwargs) -> None:
+        super().__init__(net, **kwargs)
+        self.in_place, self.ranks = in_place, ranks
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.in_place and (self.ranks is None or self.global_rank in self.ranks):
+            x *= 0.5
+        else:
+            x = x * 0.5
+        return super().training_step((x, y), batch_idx)
+
+
 class OverflowsAt(Classifier):
     """A classifier whose loss is multiplied by ``1e30`` at the steps in ``overflow_steps``: under a GradScaler the
     half-precision backward overflows there, and the scaler skips the step. Records each step's loss and the

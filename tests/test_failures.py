@@ -1,18 +1,30 @@
 """The callbacks around failures and odd setups: errors and interrupts inside a step, sharded strategies, batches
-whose samples cannot be found, losses that raise inside the measurements, layers called by keyword or subclassed
+whose samples cannot be found, a ``training_step`` that changes its batch in place, losses that raise inside the
+measurements, layers called by keyword or subclassed
 with their own forward, optimizers without a numeric learning rate, a measurement that fails on one DDP rank. None
 of them may stop training or leave the callbacks' hooks behind."""
+
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from torch.utils.data import DataLoader, default_collate
 
 from lightning_lip import CurvatureLRController, GradientNoiseEstimator, HessianEigenMonitor, KappaBudgetProjection
-from tests.models import Classifier, SamePaddingConv2d, cnn, loader, mlp, random_data, trainer_kwargs
+from tests.models import (
+    Classifier,
+    HalvesItsInput,
+    SamePaddingConv2d,
+    cnn,
+    loader,
+    mlp,
+    random_data,
+    trainer_kwargs,
+)
 from tests.reference import dense_operator_norm
 from tests.test_composition import four
 
@@ -228,3 +240,75 @@ def test_ddp_a_measurement_that_fails_on_one_rank_stops_on_every_rank(tmp_path):
         "the measurement failed on another rank",
     )
     assert rank0["runs"] == rank1["runs"] == (0, 0)
+
+
+class _Runs(Callback):
+    """``(global step, callback.last[key])`` of each new measurement of ``callback`` (its ``n_runs`` grew)."""
+
+    def __init__(self, callback: Callback, key: str) -> None:
+        self.callback, self.key, self.runs = callback, key, []
+
+    def on_train_batch_end(self, trainer, *args):
+        if len(self.runs) < self.callback.n_runs:
+            self.runs.append((trainer.global_step, self.callback.last[self.key]))
+
+
+def _fit_halving(tmp_path, in_place: bool, callbacks: list[Callback]) -> HalvesItsInput:
+    torch.manual_seed(0)
+    model = HalvesItsInput(mlp((8, 6, 3)), in_place=in_place, lr=0.01)
+    Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2)).fit(model, loader(random_data(64, (8,), 3)))
+    return model
+
+
+def test_a_step_that_changes_its_batch_in_place_leaves_the_measured_batches_as_the_step_received_them(tmp_path):
+    """``x *= 0.5`` in ``training_step`` halved the fixed probe again at every loss evaluation, and the controller's
+    first measurement (before the first step, on its batch) halved the user's batch before the step did: training
+    changed. Each evaluation now works on its own copy, and the probe is taken before the step."""
+    lambdas, params = {}, {}
+    for in_place in (True, False):
+        monitor, controller = HessianEigenMonitor(every_n_steps=2, num_samples=32), CurvatureLRController(mode="guard")
+        runs = _Runs(monitor, "lip/hessian/lambda_max")
+        model = _fit_halving(tmp_path, in_place, [monitor, controller, runs])
+        assert controller.states[0].throttle == 1.0  # lr * lambda_max far below 2: the LR is the user's
+        lambdas[in_place], params[in_place] = runs.runs, model.state_dict()
+    assert lambdas[True] == lambdas[False] and len(lambdas[True]) == 4  # the same arithmetic on the same samples
+    untouched = _fit_halving(tmp_path, True, []).state_dict()
+    for key, value in untouched.items():
+        assert torch.equal(params[True][key], value), key
+
+
+def test_a_step_that_changes_its_batch_in_place_skips_one_measurement_on_the_batch_then_copies_it(tmp_path):
+    """After the step the noise estimator and a monitor of the current batch would measure the batch halved twice;
+    the tensors' version counters show the change: that measurement is skipped with a warning, and from then on
+    each batch is copied before its step. The later measurements equal an out-of-place twin's."""
+    runs, callbacks = {}, {}
+    for in_place in (True, False):
+        noise = GradientNoiseEstimator(every_n_steps=2)
+        monitor = HessianEigenMonitor(every_n_steps=2, data="current", max_iter=75, tol=1e-10)  # 75 parameters
+        recorders = [_Runs(noise, "lip/noise/trace"), _Runs(monitor, "lip/hessian/lambda_max")]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _fit_halving(tmp_path, in_place, [noise, monitor, *recorders])
+        in_place_warnings = [w for w in caught if "changed its batch's tensors in place" in str(w.message)]
+        assert len(in_place_warnings) == (2 if in_place else 0)  # once for each callback
+        runs[in_place], callbacks[in_place] = [r.runs for r in recorders], (noise, monitor)
+    (noise_twin, monitor_twin), (noise_runs, monitor_runs) = runs[False], runs[True]
+    assert [step for step, _ in noise_twin] == [step for step, _ in monitor_twin] == [2, 4, 6, 8]
+    assert noise_runs == noise_twin[1:]  # the same per-sample gradients, bit for bit
+    # Lanczos to the whole space from another start (the twin's is warm): float32 products agree to ~1e-7
+    assert [step for step, _ in monitor_runs] == [4, 6, 8]
+    assert [value for _, value in monitor_runs] == pytest.approx([value for _, value in monitor_twin[1:]], rel=1e-6)
+    for in_place, (noise, monitor) in callbacks.items():
+        assert noise.n_skipped == monitor.n_skipped == int(in_place)
+        assert noise.state_dict()["copy_batches"] == monitor.state_dict()["copy_batches"] == in_place
+
+
+@pytest.mark.slow
+def test_ddp_a_batch_changed_in_place_on_one_rank_skips_the_measurement_on_every_rank(tmp_path):
+    """Rank 1 halves its batch in place, rank 0 out of place: both skip the first measurement (rank 0 must not
+    wait for rank 1 in a collective), copy the later batches and measure alike."""
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_in_place.py", tmp_path)
+    assert rank0 == rank1
+    assert rank0["n_skipped"] == (1, 1) and rank0["copy_batches"] == (True, True) and rank0["n_runs"] == (3, 3)

@@ -20,7 +20,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 from torchmetrics import Metric
 
 from lightning_lip.functional._stateless import LossFn, trainable_parameters
@@ -517,19 +517,63 @@ def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:
 def module_loss(pl_module: pl.LightningModule) -> LossFn:
     """``loss(module, batch)``: ``module.lip_loss(batch)`` if the module defines it, else the loss (or ``"loss"``
     entry) that ``training_step(batch, 0)`` returns (``training_step(batch)`` if it takes no ``batch_idx``, as
-    Lightning allows)."""
+    Lightning allows). Each evaluation gets its own copy of ``batch`` (:func:`detached`): a step that changes its
+    batch in place (``x /= 255``) changes neither the user's batch nor the next evaluation's."""
     if callable(getattr(pl_module, "lip_loss", None)):
-        return lambda module, batch: module.lip_loss(batch)
+        return lambda module, batch: module.lip_loss(detached(batch))
     index = (0,) if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2) else ()
 
     def loss(module: pl.LightningModule, batch: Any) -> Tensor:
-        out = module.training_step(batch, *index)
+        out = module.training_step(detached(batch), *index)
         out = out["loss"] if isinstance(out, dict) else out
         if not isinstance(out, Tensor):
             raise RuntimeError(f"`training_step` returned {type(out).__name__}, not a loss tensor")
         return out
 
     return loss
+
+
+class StepBatch:
+    """The batch of a training step as the step received it, for the callbacks that evaluate its loss after the step.
+
+    A ``training_step`` that changes its batch's tensors in place (``x /= 255``, ``y -= 1``) leaves them changed, and
+    their loss is not the step's any more. The tensors' version counters tell: from the first change seen on, the
+    batch of every step is copied (:func:`detached`) before the step; the measurement that saw the change has no
+    copy and is skipped.
+    """
+
+    def __init__(self, owner: str, warn: WarnOnce) -> None:
+        self.owner, self._warn = owner, warn
+        self.copying = False
+        self.batch: Any = None
+        self._versions: list[int] | None = None  # of the batch's tensors at the start of the step; None for a copy
+
+    def start(self, batch: Any) -> None:
+        """At ``on_train_batch_start``: hold ``batch``, or a copy of it."""
+        self.batch = detached(batch) if self.copying else batch
+        self._versions = None if self.copying else _versions(batch)
+
+    def changed(self, strategy: Strategy) -> bool:
+        """Whether the held batch's tensors were changed in place since :meth:`start`, on any rank (the same answer on
+        every rank: the measurement skipped holds collectives); if so, warn once, and copy the later batches."""
+        changed = self._versions is not None and _versions(self.batch) != self._versions
+        changed = bool(strategy.reduce_boolean_decision(changed, all=False))
+        if changed:
+            self.copying = True
+            self._warn(
+                "in_place",
+                f"{self.owner}: `training_step` changed its batch's tensors in place (as `x /= 255` does), so their "
+                "loss is not the step's any more. This measurement is skipped, and from now on each batch is copied "
+                "before its step; change the batch out of place (`x = x / 255`) to save the copies.",
+            )
+        return changed
+
+
+def _versions(batch: Any) -> list[int]:
+    """The version counters of ``batch``'s tensors, which in-place operations advance (inference tensors have none:
+    they cannot be changed outside inference mode)."""
+    leaves = tree_leaves(batch_tree(batch)[0])
+    return [t._version for t in leaves if isinstance(t, Tensor) and not t.is_inference()]
 
 
 _measuring = 0  # measurement_mode contexts open (nested or not): the callbacks' own forward passes are running

@@ -25,6 +25,7 @@ from lightning_lip.callbacks._common import (
     Differentiation,
     LayerShapes,
     SpawnSafeGenerator,
+    StepBatch,
     TimeBudget,
     WarnOnce,
     check_fraction,
@@ -74,7 +75,9 @@ class GradientNoiseEstimator(Callback):
     independent between samples), without touching ``.grad``, the optimizer or the RNG state. Under DDP the
     per-sample gradients of all ranks are gathered, so the statistics are those of the global batch seen by one
     process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)`` (bookkeeping
-    muted); it must be a mean over samples (``lip_loss`` is required with manual optimization). If ``torch.func``
+    muted, on a copy of the batch); it must be a mean over samples (``lip_loss`` is required with manual
+    optimization). A ``training_step`` that changes its batch in place (``x /= 255``) costs one measurement, skipped
+    with a warning; the batches are copied before their steps from then on. If ``torch.func``
     cannot transform the model (activation checkpointing, an ``autograd.Function`` without ``setup_context``,
     ``.item()`` in ``training_step``) the callback warns once and loops over the samples with plain ``torch.autograd``
     instead; if that fails too, it warns once and stops measuring, with the reasons in :attr:`failure`.
@@ -179,7 +182,6 @@ class GradientNoiseEstimator(Callback):
         self.n_skipped = 0
         self._stepped: tuple[int, int] | None = None  # (global step, optimizer) of the last optimizer step seen
         self.last: dict[str, float] = {}
-        self._batch: Any = None
         self._sample: dict[str, tuple[Tensor, Tensor]] | None = None  # (mean, centred) kept for the next prediction
         self._sample_optimizer = 0  # the index of the optimizer whose next step that is
         self._expected: dict[str, Any] | None = None
@@ -191,6 +193,7 @@ class GradientNoiseEstimator(Callback):
         self._generator = SpawnSafeGenerator().manual_seed(0)  # Lanczos start noise: the global RNG stays untouched
         self._budget = TimeBudget(self.max_overhead)
         self._warn = WarnOnce()
+        self._step_batch = StepBatch(type(self).__name__, self._warn)
         self._differentiation = Differentiation(
             type(self).__name__,
             self._warn,
@@ -299,13 +302,14 @@ class GradientNoiseEstimator(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        self._batch = batch
+        self._step_batch.start(batch)
 
     @override
     def on_before_optimizer_step(
         self, trainer: Trainer, pl_module: LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._batch is None or self._stepped == (trainer.global_step, id(optimizer)):
+        batch = self._step_batch.batch
+        if batch is None or self._stepped == (trainer.global_step, id(optimizer)):
             return  # LBFGS runs this hook with every evaluation of its closure: once a step
         self._stepped = (trainer.global_step, id(optimizer))
         self._expected = None  # a prediction still here was for a step never taken (a GradScaler skipped it)
@@ -321,9 +325,9 @@ class GradientNoiseEstimator(Callback):
         # short window; a `training_step` that returned None) takes that fraction of the mean gradient.
         micro_batches = min(max(self._n_backward, 1), trainer.accumulate_grad_batches)
         self._gradient_scale = micro_batches / trainer.accumulate_grad_batches
-        n = sample_count(self._batch, type(self).__name__, self._warn, _STOPPED)
+        n = sample_count(batch, type(self).__name__, self._warn, _STOPPED)
         if n is None:
-            self._differentiation.failure = f"no samples found in a {type(self._batch).__name__} batch"
+            self._differentiation.failure = f"no samples found in a {type(batch).__name__} batch"
             return
         step_batch = _effective_batch(trainer, n * trainer.world_size, micro_batches)
         if follow_up:
@@ -332,8 +336,12 @@ class GradientNoiseEstimator(Callback):
             self._budget.spend(time.perf_counter() - start)
         if not (due and self._within_budget(trainer)):
             return
+        if self._step_batch.changed(trainer.strategy):
+            self.n_skipped += 1
+            self._pending["lip/noise/n_skipped"] = float(self.n_skipped)
+            return
         start = time.perf_counter()
-        metrics = self.measure(trainer, pl_module, optimizer, self._batch, step_batch)
+        metrics = self.measure(trainer, pl_module, optimizer, batch, step_batch)
         seconds = time.perf_counter() - start
         self._budget.spend(seconds, new_measurement=True)
         if metrics is not None:
@@ -598,7 +606,7 @@ class GradientNoiseEstimator(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch = None
+        self._step_batch.batch = None
         if self._pending:
             log_metrics(trainer, pl_module, self._pending, on_step=True, on_epoch=False)
             self._pending = {}
@@ -634,6 +642,7 @@ class GradientNoiseEstimator(Callback):
             "generator": self._generator.get_state(),
             "budget": self._budget.state_dict(time.perf_counter()),
             "shapes": dict(self._shapes.shapes),
+            "copy_batches": self._step_batch.copying,
         }
 
     @override
@@ -645,6 +654,7 @@ class GradientNoiseEstimator(Callback):
         self._vectors = dict(state_dict["vectors"])
         self._generator.set_state(state_dict["generator"])
         self._budget.load_state_dict(state_dict["budget"])
+        self._step_batch.copying = state_dict.get("copy_batches", False)  # absent from checkpoints of 0.1
         for name, shapes in state_dict.get("shapes", {}).items():  # absent from checkpoints of 0.1
             self._shapes.update(name, shapes)
 

@@ -24,6 +24,7 @@ from typing_extensions import override
 from lightning_lip.callbacks._common import (
     BoundModule,
     SpawnSafeGenerator,
+    StepBatch,
     WarnOnce,
     check_choice,
     check_int,
@@ -68,7 +69,10 @@ class HessianEigenMonitor(Callback):
     (:func:`~lightning_lip.functional.stability.preconditioner`).
 
     The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
-    ``training_step(batch, 0)`` with its bookkeeping muted (``lip_loss`` is required with manual optimization).
+    ``training_step(batch, 0)`` with its bookkeeping muted (``lip_loss`` is required with manual optimization), on a
+    copy of the batch; the fixed probe is taken before the step. A ``training_step`` that changes its batch in place
+    (``x /= 255``) costs ``data="current"`` one measurement, skipped with a warning; the batches are copied before
+    their steps from then on.
     Dropout is off during the measurement; BatchNorm uses the probe batch's statistics, as training does
     (``bn_mode="train"``), or its running statistics (``"eval"``). A loss that draws random numbers (noise
     augmentation in ``training_step``) is measured at one draw: every product replays torch's random state (one
@@ -173,6 +177,7 @@ class HessianEigenMonitor(Callback):
         self._last_step = 0
         self._generator = SpawnSafeGenerator().manual_seed(0)
         self._warn = WarnOnce()
+        self._step_batch = StepBatch(type(self).__name__, self._warn)  # with data="current"
 
     @property
     @override
@@ -202,9 +207,8 @@ class HessianEigenMonitor(Callback):
         self._last_step = min(self._last_step, trainer.global_step)
 
     @override
-    def on_train_batch_end(
-        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        # Before the step: a `training_step` may change its batch in place.
         if self._probe_leaves:
             self._probe = self._restored_probe(batch)
         if self.failure is None and self.data == "fixed" and self._probe_size < self.num_samples:
@@ -212,11 +216,22 @@ class HessianEigenMonitor(Callback):
             if size is not None:
                 self._probe.append(detached(batch))
                 self._probe_size += size
+        if self.data == "current":
+            self._step_batch.start(batch)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if step == self._last_step or self.failure is not None or not self.should_run(step):
             return
         self._last_step = step
-        probe = [batch] if self.data == "current" else self._probe
+        if self.data == "current" and self._step_batch.changed(trainer.strategy):
+            self.n_skipped += 1
+            log_metrics(trainer, pl_module, {"lip/hessian/n_skipped": float(self.n_skipped)}, on_step=True)
+            return
+        probe = [self._step_batch.batch] if self.data == "current" else self._probe
         result = self.measure(trainer, pl_module, probe)
         if result is not None:
             log_metrics(trainer, pl_module, result, on_step=True, on_epoch=False)
@@ -420,6 +435,7 @@ class HessianEigenMonitor(Callback):
             "probe_leaves": [tree_flatten(batch_tree(b)[0])[0] for b in self._probe] or self._probe_leaves,
             "probe_size": self._probe_size,
             "generator": self._generator.get_state(),
+            "copy_batches": self._step_batch.copying,
         }
 
     @override
@@ -432,3 +448,4 @@ class HessianEigenMonitor(Callback):
         self._probe_leaves = list(state_dict.get("probe_leaves", []))
         self._probe_size = state_dict["probe_size"]
         self._generator.set_state(state_dict["generator"])
+        self._step_batch.copying = state_dict.get("copy_batches", False)  # absent from checkpoints of 0.1

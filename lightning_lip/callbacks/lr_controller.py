@@ -326,6 +326,8 @@ class CurvatureLRController(Callback):
         if self._controls and "hessian/lambda_max" not in LipRegistry.of(trainer) and not self._bootstrapped:
             probe = self._probe or self._make_probe()
             self._bootstrapped = probe.measure(trainer, pl_module, [batch]) is not None or probe.failure is not None
+        if self._probe is not None and self._controls:
+            self._probe.on_train_batch_start(trainer, pl_module, batch, batch_idx)
 
     def _signal(self, trainer: Trainer, registry: LipRegistry, step: int) -> float | None:
         """``lambda_max`` no older than ``max_age`` steps at ``step``, max-reduced over ranks; ``None`` if absent or
