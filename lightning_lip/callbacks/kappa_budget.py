@@ -207,6 +207,7 @@ class KappaBudgetProjection(Callback):
         self._current_kappas: dict[str, float] = {}
         self._n_skipped = 0
         self._unscalable: set[str] = set()
+        self._warned_fixed: set[str] = set()
         self._generator = SpawnSafeGenerator().manual_seed(0)
         self._pending: dict[str, float] | None = None  # the metrics of the last projection, to log
         self._latest: dict[str, float] | None = None  # and once logged, for the monitors
@@ -422,8 +423,7 @@ class KappaBudgetProjection(Callback):
                 self._warn(f"nonfinite/{name}", f"Layer {name!r} has non-finite weights: it is skipped, not projected.")
         held = held_parameters(trainer.optimizers, trainer.lightning_module)
         fixed = {name for name in sigmas if self._is_fixed(name, held)}
-        for name in fixed:
-            self._warn_fixed(name)
+        self._warn_fixed(fixed)
         kappas = absorb_fixed(self._checked_allocation(sigmas), sigmas, fixed)
         if fixed and (product := math.prod(kappas.values())) > self.max_lipschitz * (1 + 1e-9):  # no free layer left
             self._warn_unmet(fixed, product)
@@ -432,7 +432,7 @@ class KappaBudgetProjection(Callback):
             scale = 1.0 if name in fixed else projection_scale(sigma, kappas[name])
             if scale < 1.0 and not rescale_weight(self._layers[name], scale):
                 self._unscalable.add(name)
-                self._warn_fixed(name)
+                self._warn_fixed({name})
                 scale = 1.0
             n_projected += scale < 1.0
             self._sigmas[name] = sigma * scale
@@ -457,16 +457,29 @@ class KappaBudgetProjection(Callback):
         not take a rescaled weight back (found at an earlier step)."""
         return name in self._unscalable or not any(p.requires_grad and id(p) in held for p in self._weight_params[name])
 
-    def _warn_fixed(self, name: str) -> None:
-        reason = (
-            "is frozen (`requires_grad=False`, or in no optimizer)"
-            if name not in self._unscalable
-            else "has a weight parametrization that does not take a rescaled weight"
-        )
+    def _warn_fixed(self, names: set[str]) -> None:
+        """Warn once about each layer that cannot be rescaled, the layers found at one projection in one warning."""
+        new = sorted(names - self._warned_fixed)
+        if not new:
+            return
+        self._warned_fixed.update(new)
+        frozen = [name for name in new if name not in self._unscalable]
+        parametrized = [name for name in new if name in self._unscalable]
+        reasons = [
+            f"{reason}: {', '.join(listed)}"
+            for reason, listed in (
+                ("frozen (`requires_grad=False`, or in no optimizer)", frozen),
+                ("with a weight parametrization that does not take a rescaled weight", parametrized),
+            )
+            if listed
+        ]
+        of = f" of {self.scope!r}" if self.scope else ""
         self._warn(
-            f"fixed/{name}",
-            f"Layer {name!r} {reason}: it is not rescaled; its norm counts in the bound, and the other layers' "
-            "budgets shrink to make up for it.",
+            f"fixed/{','.join(new)}",
+            f"{type(self).__name__} cannot rescale {len(new)} layer(s), {'; '.join(reasons)}. Their norms count in the "
+            f"bound{of}, and the other layers' budgets shrink to make up for them. A network that is not part of the "
+            "one to certify (a teacher, an EMA copy of the model) has no place in the bound: pass the network to "
+            "certify as `layers=[...]`.",
         )
 
     def _warn_unmet(self, fixed: set[str], product: float) -> None:

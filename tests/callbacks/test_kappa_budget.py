@@ -1,8 +1,10 @@
+import copy
 import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -734,7 +736,7 @@ def test_frozen_layer_is_measured_not_projected_and_the_others_absorb_its_norm(t
     before = model.net[0].weight.clone()
     proj = KappaBudgetProjection(max_lipschitz=0.5, policy=policy)
     norms = DenseNorms(proj, {})
-    with pytest.warns(UserWarning, match="'net.0' is frozen.*other layers' budgets shrink"):
+    with pytest.warns(UserWarning, match=r"cannot rescale 1 layer\(s\), frozen .*: net.0\. .*other layers' budgets shrink"):
         Trainer(callbacks=[proj, norms], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
     assert torch.equal(model.net[0].weight, before)
     assert proj.sigmas["net.0"] == pytest.approx(dense_operator_norm(model.net[0]), rel=1e-3)
@@ -760,6 +762,47 @@ def test_frozen_layers_alone_over_the_budget_are_warned_about_once(tmp_path):
     assert all(torch.equal(layer.weight, w) for layer, w in zip(model.net[::2], before))
     dense = math.prod(dense_operator_norm(layer) for layer in model.net[::2])
     assert proj.bound == pytest.approx(dense, rel=1e-3) and dense > 0.1
+
+
+class WithTeacher(Classifier):
+    """A student ``net`` trained on the soft targets of a frozen ``teacher``, a copy of it that follows it by an
+    exponential moving average after each step (self-distillation, as in BYOL or DINO)."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(net, lr=0.5)
+        self.teacher = copy.deepcopy(net).requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        with torch.no_grad():
+            target = self.teacher(batch[0]).softmax(-1)
+        return F.cross_entropy(self(batch[0]), target)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        with torch.no_grad():
+            for student, teacher in zip(self.net.parameters(), self.teacher.parameters()):
+                teacher.lerp_(student, 0.1)
+
+
+def test_a_frozen_teacher_is_listed_in_one_warning_that_says_how_to_leave_it_out(tmp_path):
+    """By default the teacher's layers count in the bound, frozen, and the student's budgets shrink for them: one
+    warning lists them all and points to ``layers``. With ``layers=["net"]`` the bound is the student's alone."""
+    for layers in (None, ["net"]):
+        torch.manual_seed(0)
+        model, proj = WithTeacher(mlp()), KappaBudgetProjection(max_lipschitz=0.5, layers=layers)
+        norms = DenseNorms(proj, {})
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            Trainer(callbacks=[proj, norms], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
+        fixed = [str(w.message) for w in caught if "cannot rescale" in str(w.message)]
+        if layers is None:
+            (message,) = fixed
+            assert "frozen (`requires_grad=False`, or in no optimizer): teacher.0, teacher.2, teacher.4." in message
+            assert message.endswith("pass the network to certify as `layers=[...]`.")
+            assert len(proj.sigmas) == 6
+        else:
+            assert not fixed and set(proj.sigmas) == {"net.0", "net.2", "net.4"} and proj.scope == "net"
+        for dense, _, _ in norms.records:  # the tolerance of test_projected_layers_meet_budget
+            assert math.prod(dense[name] for name in proj.sigmas) <= 0.5 * (1 + 1e-2)
 
 
 def _weight_normalized_mlp() -> nn.Sequential:
@@ -791,7 +834,7 @@ def test_parametrization_that_does_not_take_a_rescaled_weight_is_held_fixed(tmp_
     nn.utils.parametrizations.spectral_norm(model.net[2])
     proj = KappaBudgetProjection(max_lipschitz=0.5)
     norms = DenseNorms(proj, {})
-    with pytest.warns(UserWarning, match="'net.2' has a weight parametrization that does not take a rescaled"):
+    with pytest.warns(UserWarning, match="parametrization that does not take a rescaled weight: net.2"):
         Trainer(callbacks=[proj, norms], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
     assert proj.sigmas["net.2"] == pytest.approx(1.0, rel=1e-2)  # spectral_norm's own estimate of its norm
     for dense, _, _ in norms.records[1:]:  # found at the first projection, absorbed from the second
