@@ -608,6 +608,32 @@ def test_bookkeeping_in_training_step_sees_only_the_real_steps(tmp_path):
     assert measured.accuracy._update_count == plain.accuracy._update_count == 8
 
 
+class LogsItsFirstBatch(Classifier):
+    """Logs a histogram of each epoch's first batch straight to TensorBoard (``if batch_idx == 0:``, a common
+    pattern), and records the indices its ``training_step`` is called with (private: not put back)."""
+
+    def training_step(self, batch, batch_idx):
+        self._indices = [*getattr(self, "_indices", []), batch_idx]
+        if batch_idx == 0:
+            self.logger.experiment.add_histogram("first_batch", batch[0], self.global_step)
+        return super().training_step(batch, batch_idx)
+
+
+def test_measurements_do_not_run_a_steps_first_batch_block(tmp_path, recwarn):
+    """The measurements called ``training_step(batch, 0)``: the first-batch block ran in each of them, a histogram
+    of a ``vmap``-batched tensor failed, and the noise estimator fell back to a loop over the samples, logging one
+    histogram per sample. They pass ``batch_idx=-1``, which no batch of an epoch has."""
+    torch.manual_seed(0)
+    model, callbacks = LogsItsFirstBatch(cnn(), lr=0.5), four()
+    logger = TensorBoardLogger(tmp_path)
+    Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=2, logger=logger)).fit(
+        model, loader(random_data(64, (1, 8, 8)))
+    )
+    assert [i for i in model._indices if i >= 0] == [0, 1, 2, 3] * 2  # the real steps
+    assert set(model._indices) == {-1, 0, 1, 2, 3} and callbacks[2].n_runs == 4
+    assert not [w for w in recwarn if "cannot transform" in str(w.message)]
+
+
 def test_measurement_mode_undoes_changes_to_the_modules_attributes():
     model = Bookkeeping(mlp())
     model.seen, model.classes, model.window = {"a": 1}, {1, 2}, deque([1.0], maxlen=3)

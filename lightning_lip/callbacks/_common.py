@@ -514,14 +514,21 @@ def check_loss_source(pl_module: pl.LightningModule, owner: str) -> None:
         )
 
 
+MEASUREMENT_BATCH_IDX = -1
+"""The ``batch_idx`` the callbacks pass to ``training_step`` when they evaluate its loss: no batch of an epoch has
+it, so the blocks a step runs on some batches only (``if batch_idx == 0:`` log the first batch's images) do not run
+in the measurements, and a step can tell them apart (``batch_idx < 0``)."""
+
+
 def module_loss(pl_module: pl.LightningModule) -> LossFn:
     """``loss(module, batch)``: ``module.lip_loss(batch)`` if the module defines it, else the loss (or ``"loss"``
-    entry) that ``training_step(batch, 0)`` returns (``training_step(batch)`` if it takes no ``batch_idx``, as
-    Lightning allows). Each evaluation gets its own copy of ``batch`` (:func:`detached`): a step that changes its
-    batch in place (``x /= 255``) changes neither the user's batch nor the next evaluation's."""
+    entry) that ``training_step(batch, MEASUREMENT_BATCH_IDX)`` returns (``training_step(batch)`` if it takes no
+    ``batch_idx``, as Lightning allows). Each evaluation gets its own copy of ``batch`` (:func:`detached`): a step
+    that changes its batch in place (``x /= 255``) changes neither the user's batch nor the next evaluation's."""
     if callable(getattr(pl_module, "lip_loss", None)):
         return lambda module, batch: module.lip_loss(detached(batch))
-    index = (0,) if is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2) else ()
+    takes_index = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+    index = (MEASUREMENT_BATCH_IDX,) if takes_index else ()
 
     def loss(module: pl.LightningModule, batch: Any) -> Tensor:
         out = module.training_step(detached(batch), *index)

@@ -74,7 +74,7 @@ class GradientNoiseEstimator(Callback):
     (dropout off, BatchNorm on running statistics; random draws in the loss, such as noise augmentation, are
     independent between samples), without touching ``.grad``, the optimizer or the RNG state. Under DDP the
     per-sample gradients of all ranks are gathered, so the statistics are those of the global batch seen by one
-    process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, 0)`` (bookkeeping
+    process. The loss is ``pl_module.lip_loss(batch)`` if defined, else ``training_step(batch, -1)`` (bookkeeping
     muted, on a copy of the batch); it must be a mean over samples (``lip_loss`` is required with manual
     optimization). A ``training_step`` that changes its batch in place (``x /= 255``) costs one measurement, skipped
     with a warning; the batches are copied before their steps from then on. If ``torch.func``

@@ -69,7 +69,7 @@ class HessianEigenMonitor(Callback):
     (:func:`~lightning_lip.functional.stability.preconditioner`).
 
     The loss is ``pl_module.lip_loss(batch)`` if the module defines it, else the ``"loss"`` of
-    ``training_step(batch, 0)`` with its bookkeeping muted (``lip_loss`` is required with manual optimization), on a
+    ``training_step(batch, -1)`` with its bookkeeping muted (``lip_loss`` is required with manual optimization), on a
     copy of the batch; the fixed probe is taken before the step. A ``training_step`` that changes its batch in place
     (``x /= 255``) costs ``data="current"`` one measurement, skipped with a warning; the batches are copied before
     their steps from then on.
