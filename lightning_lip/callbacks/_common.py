@@ -569,9 +569,10 @@ class StepBatch:
             self.copying = True
             self._warn(
                 "in_place",
-                f"{self.owner}: `training_step` changed its batch's tensors in place (as `x /= 255` does), so their "
-                "loss is not the step's any more. This measurement is skipped, and from now on each batch is copied "
-                "before its step; change the batch out of place (`x = x / 255`) to save the copies.",
+                f"{self.owner}: the batch's tensors changed in place during the step (as `x /= 255` in "
+                "`training_step` changes them), so their loss is not the step's any more. This measurement is "
+                "skipped, and from now on each batch is copied before its step; change the batch out of place "
+                "(`x = x / 255`) to save the copies.",
             )
         return changed
 

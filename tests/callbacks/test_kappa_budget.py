@@ -736,7 +736,8 @@ def test_frozen_layer_is_measured_not_projected_and_the_others_absorb_its_norm(t
     before = model.net[0].weight.clone()
     proj = KappaBudgetProjection(max_lipschitz=0.5, policy=policy)
     norms = DenseNorms(proj, {})
-    with pytest.warns(UserWarning, match=r"cannot rescale 1 layer\(s\), frozen .*: net.0\. .*other layers' budgets shrink"):
+    frozen = r"cannot rescale 1 layer\(s\), frozen .*: net.0\. .*other layers' budgets shrink"
+    with pytest.warns(UserWarning, match=frozen):
         Trainer(callbacks=[proj, norms], **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64)))
     assert torch.equal(model.net[0].weight, before)
     assert proj.sigmas["net.0"] == pytest.approx(dense_operator_norm(model.net[0]), rel=1e-3)
