@@ -227,12 +227,12 @@ class HessianEigenMonitor(Callback):
         if step == self._last_step or self.failure is not None or not self.should_run(step):
             return
         self._last_step = step
-        if self.data == "current" and self._step_batch.changed(trainer.strategy):
+        current = self.data == "current"
+        if current and self._step_batch.changed(trainer.strategy):
             self.n_skipped += 1
-            log_metrics(trainer, pl_module, {"lip/hessian/n_skipped": float(self.n_skipped)}, on_step=True)
-            return
-        probe = [self._step_batch.batch] if self.data == "current" else self._probe
-        result = self.measure(trainer, pl_module, probe)
+            result = {"lip/hessian/n_skipped": float(self.n_skipped)}
+        else:
+            result = self.measure(trainer, pl_module, [self._step_batch.batch] if current else self._probe)
         if result is not None:
             log_metrics(trainer, pl_module, result, on_step=True, on_epoch=False)
 
