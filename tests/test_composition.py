@@ -171,6 +171,23 @@ def test_resume_equals_uninterrupted(tmp_path, container):
     assert_same(summary(*resumed, second), expected)
 
 
+@pytest.mark.slow
+def test_ddp_resume_equals_uninterrupted_with_every_ranks_probe(tmp_path):
+    """Each rank measures its own share of the fixed probe, and Lightning writes rank 0's callback states only:
+    resumed, both ranks measured rank 0's share (here lambda_max 1.24 instead of 0.88 at the end), and the
+    controller's rates followed (1.42 instead of 1.59 from step 11 on). Checkpoints now hold every rank's probe."""
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_resume.py", tmp_path)
+    for name in ("monitor", "controller"):
+        for rank in (rank0, rank1):
+            full, resumed = rank[name]["last"]
+            assert full == resumed and "lip/hessian/lambda_max" in full, name
+            assert rank[name]["used"][0] == rank[name]["used"][1] and len(rank[name]["used"][0]) == 16, name
+        assert not torch.equal(rank0[name]["probe"], rank1[name]["probe"])  # each rank's own samples
+    assert min(lr for (lr,) in rank0["controller"]["used"][0]) < 2.0  # the controller acted
+
+
 def test_inputs_of_varying_size_resume_equals_uninterrupted(tmp_path):
     """Sequences of another length in every batch: the convolutions are measured on the largest shapes seen, which
     the checkpoints keep, so a run resumed after the first epoch (whose first batch is shorter than the longest)

@@ -449,3 +449,32 @@ class HessianEigenMonitor(Callback):
         self._probe_size = state_dict["probe_size"]
         self._generator.set_state(state_dict["generator"])
         self._step_batch.copying = state_dict.get("copy_batches", False)  # absent from checkpoints of 0.1
+
+    @override
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        if self.data == "fixed":
+            gather_rank_probes(trainer, checkpoint.get("callbacks", {}).get(self.state_key))
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        select_rank_probe(trainer, checkpoint.get("callbacks", {}).get(self.state_key))
+
+
+def gather_rank_probes(trainer: Trainer, state: dict[str, Any] | None) -> None:
+    """Under DDP, add every rank's probe to ``state``, a monitor's state in a checkpoint being saved: each rank
+    measures its own share of the probe, and Lightning writes rank 0's callback states only. A collective: Lightning
+    saves checkpoints on every rank."""
+    if trainer.world_size == 1 or state is None or not torch.distributed.is_initialized():
+        return
+    leaves = [[leaf.cpu() if isinstance(leaf, Tensor) else leaf for leaf in batch] for batch in state["probe_leaves"]]
+    probes: list[Any] = [None] * trainer.world_size
+    torch.distributed.all_gather_object(probes, (leaves, state["probe_size"]))
+    state["rank_probes"] = probes
+
+
+def select_rank_probe(trainer: Trainer, state: dict[str, Any] | None) -> None:
+    """Before ``load_state_dict``: this rank's probe in ``state``, from a checkpoint that :func:`gather_rank_probes`
+    saved (rank 0's probe where the saving run had fewer ranks)."""
+    probes = None if state is None else state.pop("rank_probes", None)
+    if probes and trainer.global_rank < len(probes):
+        state["probe_leaves"], state["probe_size"] = probes[trainer.global_rank]

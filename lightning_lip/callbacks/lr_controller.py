@@ -33,7 +33,7 @@ from lightning_lip.callbacks._common import (
     log_on_logger_steps,
     write_tensorboard_layout,
 )
-from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
+from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor, gather_rank_probes, select_rank_probe
 from lightning_lip.functional.stability import stability_threshold
 from lightning_lip.registry import LipRegistry
 
@@ -567,6 +567,15 @@ class CurvatureLRController(Callback):
             for group, lr in zip(checkpoint["optimizer_states"][0]["param_groups"], self._scheduled):
                 # a tensor rate is the live optimizer's own tensor (`state_dict` copies the groups, not their values)
                 group["lr"] = torch.full_like(group["lr"], lr) if isinstance(group["lr"], Tensor) else lr
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if self._probe is not None and state is not None:
+            gather_rank_probes(trainer, state["probe"])
+
+    @override
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("callbacks", {}).get(self.state_key)
+        if state is not None:
+            select_rank_probe(trainer, state["probe"])
 
     def _remove_hooks(self) -> None:
         for handle in self._handles:
