@@ -1,8 +1,8 @@
 """The callbacks around failures and odd setups: errors and interrupts inside a step, sharded strategies, batches
 whose samples cannot be found, a ``training_step`` that changes its batch in place, losses that raise inside the
-measurements, layers called by keyword or subclassed
-with their own forward, optimizers without a numeric learning rate, a measurement that fails on one DDP rank. None
-of them may stop training or leave the callbacks' hooks behind."""
+measurements, layers called by keyword or subclassed with their own forward, optimizers without a numeric learning
+rate, a measurement that fails on one DDP rank. None of them may stop training or leave the callbacks' hooks
+behind."""
 
 import warnings
 
