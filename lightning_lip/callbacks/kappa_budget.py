@@ -474,13 +474,14 @@ class KappaBudgetProjection(Callback):
             if listed
         ]
         of = f" of {self.scope!r}" if self.scope else ""
-        self._warn(
-            f"fixed/{','.join(new)}",
+        message = (
             f"{type(self).__name__} cannot rescale {len(new)} layer(s), {'; '.join(reasons)}. Their norms count in the "
             f"bound{of}, and the other layers' budgets shrink to make up for them. A network that is not part of the "
             "one to certify (a teacher, an EMA copy of the model) has no place in the bound: pass the network to "
-            "certify as `layers=[...]`.",
+            "certify as `layers=[...]`."
         )
+        self._warn(f"fixed/{','.join(new)}", message)
+        log.info(message)
 
     def _warn_unmet(self, fixed: set[str], product: float) -> None:
         message = (
