@@ -410,14 +410,16 @@ class HessianEigenMonitor(Callback):
         return size
 
     def _restored_probe(self, batch: Any) -> list[Any]:
-        """A checkpoint's probe, its leaves put back into the structure of ``batch``: the checkpoint keeps leaves
-        only, so that batch classes (named tuples, dataclasses, a tokenizer's ``BatchEncoding``) load with
-        ``torch.load(weights_only=True)``. A probe that does not fit is collected anew."""
+        """A checkpoint's probe, its leaves put back into the structure of ``batch`` and onto its tensors' devices
+        (a checkpoint saved under DDP holds every rank's probe on the CPU; one saved on another device holds it
+        there): the checkpoint keeps leaves only, so that batch classes (named tuples, dataclasses, a tokenizer's
+        ``BatchEncoding``) load with ``torch.load(weights_only=True)``. A probe that does not fit is collected
+        anew."""
         tree, rebuild = batch_tree(batch)
         leaves, spec = tree_flatten(tree)
         stored, self._probe_leaves = self._probe_leaves, []
         if all(len(p) == len(leaves) for p in stored):
-            return [rebuild(tree_unflatten(p, spec)) for p in stored]
+            return [rebuild(tree_unflatten([_to_device_of(s, b) for s, b in zip(p, leaves)], spec)) for p in stored]
         self._warn(
             "probe",
             f"{type(self).__name__}: the checkpoint's probe does not fit this run's batches; a new one is collected.",
@@ -458,6 +460,10 @@ class HessianEigenMonitor(Callback):
     @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         select_rank_probe(trainer, checkpoint.get("callbacks", {}).get(self.state_key))
+
+
+def _to_device_of(leaf: Any, like: Any) -> Any:
+    return leaf.to(like.device) if isinstance(leaf, Tensor) and isinstance(like, Tensor) else leaf
 
 
 def gather_rank_probes(trainer: Trainer, state: dict[str, Any] | None) -> None:

@@ -485,3 +485,16 @@ def test_density_against_the_dense_spectrum_and_in_tensorboard(tmp_path):
     events.Reload()
     assert "lip/hessian/density" in events.Tags()["histograms"]
     assert "lip/hessian/stability_ratio" in events.Tags()["scalars"]
+
+
+def test_a_checkpoints_probe_is_put_on_the_devices_of_the_resumed_batches():
+    """A checkpoint saved under DDP holds every rank's probe on the CPU (and one saved on another device holds it
+    there): the resumed run rebuilds it on its own batches' devices, leaf by leaf. ``meta`` stands in for an
+    accelerator on this CPU machine."""
+    monitor = HessianEigenMonitor()
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    monitor.load_state_dict(monitor.state_dict() | {"probe_leaves": [[x, y, "digits"]], "probe_size": 4})
+    batch = {"x": x[:2].to("meta"), "y": y[:2], "source": "digits"}
+    (probe,) = monitor._restored_probe(batch)
+    assert probe["x"].device.type == "meta" and probe["x"].shape == (4, 3)
+    assert torch.equal(probe["y"], y) and probe["source"] == "digits"
