@@ -11,6 +11,7 @@ KEYS: dict[str, str] = {
     "kappa/kappa/<layer>": "budget kappa_l allocated to the layer (float)",
     "kappa/singular_vectors/<layer>": "(u, v): top left/right singular vectors of the layer operator",
     "kappa/bound": "product of the per-layer operator norms after projection (float)",
+    "kappa/<scope>/bound": "the same, of each of several projections, by its scope (float)",
     "hessian/lambda_max": "top eigenvalue of the loss Hessian (preconditioned for Adam & co.) (float)",
     "hessian/lambda_min": "bottom eigenvalue of the same operator (float)",
     "hessian/eigenvector": "flat top eigenvector over the trainable parameters the optimizer steps (tensor [P])",

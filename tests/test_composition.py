@@ -909,3 +909,23 @@ def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path, variant):
     assert rank0["metrics"]["monitored"][1] == pytest.approx(rank0["metrics"]["throttle"][0]["throttle"], rel=1e-7)
     assert any("parametrizations" in key for key in rank0["params"]) == bool(variant)
     assert len(rank0["metrics"]["sigmas"]) == 3 and math.prod(rank0["metrics"]["sigmas"].values()) <= 3.0 * (1 + 1e-2)
+
+
+@pytest.mark.parametrize(
+    "pair",
+    [
+        [HessianEigenMonitor(every_n_steps=2), HessianEigenMonitor(every_n_steps=2, data="current")],
+        [GradientNoiseEstimator(layers=["net.0"]), GradientNoiseEstimator(layers=["net.2"])],
+        [CurvatureLRController(mode="guard"), CurvatureLRController(mode="strict")],
+    ],
+    ids=lambda pair: type(pair[0]).__name__,
+)
+def test_a_second_instance_of_a_callback_that_publishes_trainer_wide_keys_raises_at_setup(tmp_path, pair):
+    """Two monitors (other data), two estimators (other layers) or two controllers (other modes) have distinct state
+    keys, which Lightning accepts; they wrote the same registry entries and metrics (``hessian/lambda_max``, which
+    the controller reads, was whichever came last), and two controllers both throttled the LR."""
+    model = Classifier(mlp())
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=rf"A Trainer takes one {type(pair[0]).__name__}, got 2"):
+        Trainer(callbacks=pair, **trainer_kwargs(tmp_path)).fit(model, loader(random_data()))
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())

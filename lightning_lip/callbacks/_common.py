@@ -193,7 +193,7 @@ def tensorboard_writer(trainer: pl.Trainer) -> Any | None:
 #: The custom-scalars layout of every area, keyed by the callback class that logs it (regular expressions allowed).
 _LAYOUT: dict[str, dict[str, list[Any]]] = {
     "KappaBudgetProjection": {
-        "kappa: Lipschitz bound": ["Multiline", ["lip/kappa/bound", "lip/kappa/audit_bound"]],
+        "kappa: Lipschitz bound": ["Multiline", ["lip/kappa/(.+/)?(audit_)?bound$"]],
         "kappa: layer norms and budgets": ["Multiline", ["lip/kappa/sigma/.*", "lip/kappa/kappa/.*"]],
     },
     "HessianEigenMonitor": {
@@ -485,6 +485,17 @@ def check_strategy(strategy: Strategy, owner: str) -> None:
         raise ValueError(
             f"{owner} does not support sharded models (`strategy={type(strategy).__name__}`): it measures whole "
             'parameters. Train on one device or with `strategy="ddp"` (or "ddp_spawn", "ddp_fork").'
+        )
+
+
+def check_alone(trainer: pl.Trainer, kind: type[pl.Callback]) -> None:
+    """Raise at setup if ``trainer`` holds more than one ``kind`` callback: their registry entries and logged metrics
+    would overwrite each other's."""
+    count = sum(isinstance(callback, kind) for callback in trainer.callbacks)
+    if count > 1:
+        raise ValueError(
+            f"A Trainer takes one {kind.__name__}, got {count}: their registry entries and logged metrics would "
+            "overwrite each other's."
         )
 
 

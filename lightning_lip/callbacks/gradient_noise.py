@@ -28,6 +28,7 @@ from lightning_lip.callbacks._common import (
     StepBatch,
     TimeBudget,
     WarnOnce,
+    check_alone,
     check_fraction,
     check_int,
     check_loss_source,
@@ -134,8 +135,8 @@ class GradientNoiseEstimator(Callback):
 
     Raises:
         ValueError: if an argument is out of range, at setup if the module optimizes manually without
-            ``lip_loss``, or at the start of fit if ``layers`` names a module the model lacks or one with no weight
-            and no such layer inside.
+            ``lip_loss`` or the Trainer holds another ``GradientNoiseEstimator``, or at the start of fit if ``layers``
+            names a module the model lacks or one with no weight and no such layer inside.
 
     Example::
 
@@ -227,6 +228,7 @@ class GradientNoiseEstimator(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy, type(self).__name__)
+        check_alone(trainer, GradientNoiseEstimator)
         self._module.bind(pl_module, self._start_afresh)
         check_loss_source(pl_module, type(self).__name__)
         if type(pl_module).configure_gradient_clipping is not LightningModule.configure_gradient_clipping:

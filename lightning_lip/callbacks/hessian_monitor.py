@@ -26,6 +26,7 @@ from lightning_lip.callbacks._common import (
     SpawnSafeGenerator,
     StepBatch,
     WarnOnce,
+    check_alone,
     check_choice,
     check_int,
     check_loss_source,
@@ -112,7 +113,7 @@ class HessianEigenMonitor(Callback):
 
     Raises:
         ValueError: if an argument is out of range, or at setup if the module optimizes manually without
-            ``lip_loss``.
+            ``lip_loss`` or the Trainer holds another ``HessianEigenMonitor``.
 
     Example::
 
@@ -194,6 +195,7 @@ class HessianEigenMonitor(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             check_strategy(trainer.strategy, type(self).__name__)
+            check_alone(trainer, HessianEigenMonitor)
             self._module.bind(pl_module, self._start_afresh)
             check_loss_source(pl_module, type(self).__name__)
 

@@ -106,7 +106,10 @@ class KappaBudgetProjection(Callback):
     ``lip/kappa/n_skipped``, ``lip/kappa/seconds``, per layer ``lip/kappa/sigma/<layer>`` and
     ``lip/kappa/kappa/<layer>``; at audits ``lip/kappa/audit_bound`` and ``lip/kappa/audit_log10_bound``. With a
     ``TensorBoardLogger`` also the histogram ``lip/kappa/sigma``. Registry keys: see
-    :data:`lightning_lip.registry.KEYS`.
+    :data:`lightning_lip.registry.KEYS`. Several projections, one per sub-network with its own budget, each take
+    their ``layers`` (no layer in two, scopes distinct and not the whole model) and insert their :attr:`scope` into
+    their network-level keys: ``lip/kappa/critic/bound``, the histogram ``lip/kappa/critic/sigma``, the registry's
+    ``kappa/critic/bound``.
 
     Args:
         max_lipschitz: the budget :math:`L_{max} > 0` on the product of the layer norms.
@@ -136,8 +139,9 @@ class KappaBudgetProjection(Callback):
         log_per_layer: log :math:`\sigma_l` and :math:`\kappa_l` of every layer.
 
     Raises:
-        ValueError: if an argument is out of range, or at the start of fit if ``layers`` or ``kappas`` name layers
-            that the model does not have or that hold no supported layer.
+        ValueError: if an argument is out of range, at the start of fit if ``layers`` or ``kappas`` name layers
+            that the model does not have or that hold no supported layer, or at the start of training if the Trainer
+            holds other projections that share a layer or a :attr:`scope` with this one.
 
     Example::
 
@@ -194,6 +198,7 @@ class KappaBudgetProjection(Callback):
         self._chains = LayerChains()
         self._follow_chains = False
         self._module = BoundModule()
+        self._qualifier = ""  # of the network-level keys: "<scope>/" beside other projections
         self._start_afresh()
 
     def _start_afresh(self) -> None:
@@ -265,6 +270,31 @@ class KappaBudgetProjection(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # A new Trainer continuing the same module without a checkpoint counts its steps from 0 again.
         self._last_step = min(self._last_step, trainer.global_step)
+        self._qualifier = self._key_qualifier(trainer)
+
+    def _key_qualifier(self, trainer: Trainer) -> str:
+        """``""`` where this is the trainer's only projection; beside others (one per sub-network, each with its own
+        budget) ``"<scope>/"``, which qualifies its network-level keys (``lip/kappa/critic/bound``). Raises if the
+        projections share a layer or their scopes do not tell them apart."""
+        peers = [c for c in trainer.callbacks if isinstance(c, KappaBudgetProjection)]
+        if len(peers) < 2:
+            return ""
+        scopes = [peer.scope for peer in peers]
+        if "" in scopes or len(set(scopes)) < len(scopes):
+            raise ValueError(
+                f"{len(peers)} {type(self).__name__} callbacks need `layers` with distinct scopes (the innermost "
+                "module holding a callback's layers, other than the whole model), which qualify their logged metrics "
+                f"and registry entries; got scopes {scopes}."
+            )
+        mine = {_weight_source(layer) for layer in self._layers.values()}
+        for peer in peers:
+            shared = [name for name, layer in peer._layers.items() if _weight_source(layer) in mine]
+            if shared and peer is not self:
+                raise ValueError(
+                    f"The `layers` of {type(self).__name__}(scope={self.scope!r}) and of the one with scope "
+                    f"{peer.scope!r} share {shared}: each layer takes one budget."
+                )
+        return f"{self.scope}/"
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -561,7 +591,7 @@ class KappaBudgetProjection(Callback):
             registry.publish(f"kappa/kappa/{name}", self._current_kappas.get(name, sigma), step)
             if name in triplets:
                 registry.publish(f"kappa/singular_vectors/{name}", (triplets[name].u, triplets[name].v), step)
-        registry.publish("kappa/bound", self.bound, step)
+        registry.publish(f"kappa/{self._qualifier}bound", self.bound, step)
 
     @property
     def bound(self) -> float:
@@ -578,15 +608,16 @@ class KappaBudgetProjection(Callback):
     def _queue_logs(self, n_projected: int, seconds: float, audit: bool) -> None:
         bound = self.bound
         log10_bound = math.log10(bound) if bound > 0 else -math.inf
-        metrics = {
-            "lip/kappa/bound": bound,
-            "lip/kappa/log10_bound": log10_bound,
-            "lip/kappa/n_projected": float(n_projected),
-            "lip/kappa/n_skipped": float(self._n_skipped),
-            "lip/kappa/seconds": seconds,
+        network = {
+            "bound": bound,
+            "log10_bound": log10_bound,
+            "n_projected": float(n_projected),
+            "n_skipped": float(self._n_skipped),
+            "seconds": seconds,
         }
         if audit:
-            metrics |= {"lip/kappa/audit_bound": bound, "lip/kappa/audit_log10_bound": log10_bound}
+            network |= {"audit_bound": bound, "audit_log10_bound": log10_bound}
+        metrics = {f"lip/kappa/{self._qualifier}{key}": value for key, value in network.items()}
         if self.log_per_layer:
             for name, sigma in self._sigmas.items():
                 metrics[f"lip/kappa/sigma/{name}"] = sigma
@@ -603,7 +634,8 @@ class KappaBudgetProjection(Callback):
             return
         writer = tensorboard_writer(trainer)
         if writer is not None and self._sigmas:
-            writer.add_histogram("lip/kappa/sigma", torch.tensor(list(self._sigmas.values())), trainer.global_step)
+            sigmas = torch.tensor(list(self._sigmas.values()))
+            writer.add_histogram(f"lip/kappa/{self._qualifier}sigma", sigmas, trainer.global_step)
 
     @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -23,6 +23,7 @@ from typing_extensions import override
 from lightning_lip.callbacks._common import (
     BoundModule,
     WarnOnce,
+    check_alone,
     check_choice,
     check_fraction,
     check_int,
@@ -130,8 +131,9 @@ class CurvatureLRController(Callback):
 
     Raises:
         ValueError: if an argument is out of range, or at setup if ``signal="hessian"`` and no
-            :class:`HessianEigenMonitor` is among the Trainer's callbacks, or if the module optimizes manually
-            without ``lip_loss`` (the controller's own measurements evaluate the loss).
+            :class:`HessianEigenMonitor` is among the Trainer's callbacks, if the module optimizes manually
+            without ``lip_loss`` (the controller's own measurements evaluate the loss), or if the Trainer holds
+            another ``CurvatureLRController``.
 
     Example::
 
@@ -268,6 +270,7 @@ class CurvatureLRController(Callback):
         if stage != "fit":
             return
         check_strategy(trainer.strategy, type(self).__name__)
+        check_alone(trainer, CurvatureLRController)
         self._module.bind(pl_module, self._start_afresh)
         check_loss_source(pl_module, type(self).__name__)  # the first measurement is its own (and maybe the probe)
         monitors = [c for c in trainer.callbacks if isinstance(c, HessianEigenMonitor)]

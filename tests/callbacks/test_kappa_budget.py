@@ -1,5 +1,6 @@
 import copy
 import math
+import re
 import warnings
 
 import pytest
@@ -8,11 +9,12 @@ import torch.nn.functional as F
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.nn.utils import prune
 
 from lightning_lip import CurvatureLRController, KappaBudgetProjection, LipRegistry
-from lightning_lip.callbacks._common import LayerShapes
+from lightning_lip.callbacks._common import _LAYOUT, LayerShapes
 from lightning_lip.callbacks.kappa_budget import _gain_above_one
 from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, random_start
 from tests.models import (
@@ -195,6 +197,66 @@ def test_uncertified_layers_listed_within_the_scope(tmp_path):
 )
 def test_scope_is_the_innermost_module_holding_the_layers(layers, scope):
     assert KappaBudgetProjection(max_lipschitz=1.0, layers=layers).scope == scope
+
+
+def test_projections_of_two_sub_networks_keep_their_own_budgets_and_keys(tmp_path):
+    """One projection per sub-network, each with its own budget: each meets its own (dense norms), and their
+    network-level keys are qualified by their scopes, where both wrote ``lip/kappa/bound`` before (the trainer's
+    value was whichever logged last). The per-layer keys are the layers' own; the TensorBoard layout's chart still
+    finds the bounds."""
+    generator = KappaBudgetProjection(max_lipschitz=2.0, layers=["generator"])
+    critic = KappaBudgetProjection(max_lipschitz=0.5, layers=["critic"], audit_every_n_steps=4)
+    model, logger = GAN(), TensorBoardLogger(tmp_path, name="tb")
+    trainer = Trainer(
+        callbacks=[generator, critic], **trainer_kwargs(tmp_path, max_epochs=2, logger=logger, log_every_n_steps=1)
+    )
+    trainer.fit(model, loader(random_data(64, (8,), seed=1)))
+    for proj, net, budget in [(generator, model.generator, 2.0), (critic, model.critic, 0.5)]:
+        norms = [dense_operator_norm(net[i]) for i in (0, 2)]
+        assert proj.n_projections >= 8 and math.prod(norms) <= budget * (1 + 1e-2)  # its steps (and the end check)
+        assert LipRegistry.of(trainer).get(f"kappa/{proj.scope}/bound") == proj.bound
+        assert trainer.logged_metrics[f"lip/kappa/{proj.scope}/bound"].item() == pytest.approx(proj.bound)
+    assert LipRegistry.of(trainer).get("kappa/bound") is None
+    logged = {key for key in trainer.logged_metrics if key.startswith("lip/kappa/")}
+    assert logged == {
+        f"lip/kappa/{scope}/{key}"
+        for scope in ("generator", "critic")
+        for key in ("bound", "log10_bound", "n_projected", "n_skipped", "seconds")
+    } | {"lip/kappa/critic/audit_bound", "lip/kappa/critic/audit_log10_bound"} | {
+        f"lip/kappa/{quantity}/{net}.{i}"
+        for quantity in ("sigma", "kappa")
+        for net in ("generator", "critic")
+        for i in (0, 2)
+    }
+    (chart,) = _LAYOUT["KappaBudgetProjection"]["kappa: Lipschitz bound"][1]
+    charted = {key for key in logged | {"lip/kappa/bound", "lip/kappa/audit_bound"} if re.match(chart, key)}
+    assert charted == {
+        "lip/kappa/bound",
+        "lip/kappa/audit_bound",
+        "lip/kappa/generator/bound",
+        "lip/kappa/critic/bound",
+        "lip/kappa/critic/audit_bound",
+    }
+    events = EventAccumulator(logger.log_dir, size_guidance={"histograms": 0})
+    events.Reload()
+    assert set(events.Tags()["histograms"]) == {"lip/kappa/generator/sigma", "lip/kappa/critic/sigma"}
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "match"),
+    [
+        (None, ["critic"], r"distinct scopes .* got scopes \['', 'critic'\]"),
+        (["critic.0"], ["critic.0", "critic.2"], r"share \['critic.0'\]: each layer takes one budget"),
+        (["critic.0", "critic.2"], ["critic"], r"got scopes \['critic', 'critic'\]"),
+    ],
+)
+def test_projections_that_share_a_layer_or_a_scope_raise_before_training(tmp_path, first, second, match):
+    projections = [KappaBudgetProjection(1.0, layers=first), KappaBudgetProjection(2.0, layers=second)]
+    model = GAN()
+    weights = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        Trainer(callbacks=projections, **trainer_kwargs(tmp_path)).fit(model, loader(random_data(64, (8,))))
+    assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
 
 
 class StepsInsideAutocast(Classifier):
