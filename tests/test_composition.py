@@ -911,6 +911,29 @@ def test_ddp_all_four_take_identical_decisions_on_both_ranks(tmp_path, variant):
     assert len(rank0["metrics"]["sigmas"]) == 3 and math.prod(rank0["metrics"]["sigmas"].values()) <= 3.0 * (1 + 1e-2)
 
 
+@pytest.mark.slow
+def test_ddp_with_a_zero_redundancy_optimizer_equals_the_plain_optimizer(tmp_path):
+    """``ZeroRedundancyOptimizer`` (which Lightning checkpoints) steps each rank's shard of the parameters with a local
+    optimizer that holds that shard's state. The callbacks read the class it wraps and every rank's state: the
+    runs equal those with the plain optimizer bit for bit, step maps, stability ratios and the Adam throttle
+    included. Before, they found no threshold, no step map and no preconditioner: the controller let Adam's
+    steps through unthrottled (other weights), and the monitor measured the raw Hessian (lambda_max 1.34, not
+    59.5)."""
+    from tests.ddp import run_ddp
+
+    rank0, rank1 = run_ddp("ddp_zero.py", tmp_path)
+    for name in ("sgd", "adam"):
+        plain, zero = rank0[f"{name}/plain"], rank0[f"{name}/zero"]
+        for key in plain["params"]:
+            assert torch.equal(plain["params"][key], zero["params"][key]), (name, key)
+            assert torch.equal(zero["params"][key], rank1[f"{name}/zero"]["params"][key]), (name, key)
+        for key in ("hessian", "noise", "throttle", "preconditioned"):
+            assert plain[key] == zero[key] == rank1[f"{name}/zero"][key], (name, key)
+        assert "lip/hessian/stability_ratio" in zero["hessian"] and "lip/noise/drift/net.0" in zero["noise"]
+        assert zero["preconditioned"] == (name == "adam")
+    assert rank0["adam/zero"]["throttle"][0]["n_cuts"] > 0
+
+
 @pytest.mark.parametrize(
     "pair",
     [

@@ -39,6 +39,7 @@ from lightning_lip.callbacks._common import (
     module_loss,
     sample_count,
     stepped_parameters,
+    unsharded,
     write_tensorboard_layout,
 )
 from lightning_lip.functional.batch import leading_sizes, slice_batch
@@ -478,6 +479,7 @@ class GradientNoiseEstimator(Callback):
         step after the last measurement (see :meth:`_top_triplet`). Layers that ``optimizer`` does not hold (another
         optimizer's, with manual optimization) do not move in this step and are left out. The Trainer's gradient
         clipping enters the step as :func:`~lightning_lip.functional.stability.gradient_clipping` linearizes it."""
+        optimizer = unsharded(optimizer)  # with the state of every rank's shard
         held = held_parameters([optimizer], trainer.lightning_module)
         clipping = _gradient_clipping(trainer, optimizer)
         per_layer = {}

@@ -41,6 +41,7 @@ from lightning_lip.callbacks._common import (
     sample_count,
     stepped_parameters,
     tensorboard_writer,
+    unsharded,
     write_tensorboard_layout,
 )
 from lightning_lip.functional.batch import batch_tree
@@ -245,7 +246,7 @@ class HessianEigenMonitor(Callback):
         start = time.perf_counter()
         if self.failure is not None or any(is_lazy(p) for p in pl_module.parameters()):
             return None
-        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        optimizer = unsharded(trainer.optimizers[0], state=False) if trainer.optimizers else None
         params = stepped_parameters(pl_module, trainer.optimizers[:1])
         if not params:
             self._warn("no_params", f"{type(self).__name__}: no trainable parameter to measure; nothing to do.")
@@ -254,6 +255,7 @@ class HessianEigenMonitor(Callback):
         scaling = None
         if preconditioned:
             named = dict(pl_module.named_parameters())
+            optimizer = unsharded(trainer.optimizers[0])  # with the state of every rank's shard
             scaling = preconditioner(optimizer, [named[n] for n in params])
             if scaling is None:
                 return None  # before the first step there is no preconditioner yet

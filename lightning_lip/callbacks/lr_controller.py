@@ -32,6 +32,7 @@ from lightning_lip.callbacks._common import (
     grad_scaler,
     log_for_monitors,
     log_on_logger_steps,
+    unsharded,
     write_tensorboard_layout,
 )
 from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor, gather_rank_probes, select_rank_probe
@@ -242,7 +243,8 @@ class CurvatureLRController(Callback):
     def threshold(self, optimizer: torch.optim.Optimizer, group: dict[str, Any]) -> float | None:
         """Stability threshold on :math:`\\eta\\lambda_{max}` for ``group`` (an override must return a finite number
         ``> 0``, else the step raises a ``ValueError``); ``None`` (no control) if unknown or ``optimizer`` is not one
-        of :attr:`CONTROLLED_OPTIMIZERS`."""
+        of :attr:`CONTROLLED_OPTIMIZERS`. For a ``ZeroRedundancyOptimizer``, ``optimizer`` is its rank's local
+        optimizer, of the class it wraps, over every param group."""
         return stability_threshold(optimizer, group) if isinstance(optimizer, self.CONTROLLED_OPTIMIZERS) else None
 
     def throttle(self, ratio: float, state: ThrottleState) -> float:
@@ -319,7 +321,8 @@ class CurvatureLRController(Callback):
         groups are added back later)."""
         added = len(optimizer.param_groups) - len(self.states)
         self.states += [ThrottleState(bound=self.initial_bound) for _ in range(added)]
-        self._controls = any(self.threshold(optimizer, group) is not None for group in optimizer.param_groups)
+        rule = unsharded(optimizer, state=False)
+        self._controls = any(self.threshold(rule, group) is not None for group in optimizer.param_groups)
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -358,15 +361,15 @@ class CurvatureLRController(Callback):
         registry, step = LipRegistry.of(trainer), trainer.global_step
         lam = self._signal(trainer, registry, step)
         self._scheduled = [float(group["lr"]) for group in optimizer.param_groups]
-        rows = []
+        rows, rule = [], unsharded(optimizer, state=False)
         for group, state, lr in zip(optimizer.param_groups, self.states, self._scheduled):
-            threshold = self.threshold(optimizer, group)
+            threshold = self.threshold(rule, group)
             if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
                 raise ValueError(
                     f"{type(self).__name__}.threshold must return None or a finite number > 0, got {threshold!r}."
                 )
             if threshold is None:
-                self._warn("threshold", _no_control(optimizer, group))
+                self._warn("threshold", _no_control(rule, group))
             elif lam is not None:
                 self._update(state, lr * lam / threshold)
             _set_lr(group, lr * state.throttle)
