@@ -35,11 +35,12 @@ if __name__ == "__main__":
     TimeBudget.allows = lambda self, now: rank == 0
     data = loader(random_data(64, (8,)), batch_size=8)
     noise = LastBatch(every_n_steps=2)
-    Trainer(**ddp_trainer_kwargs(callbacks=[noise], max_epochs=5, gradient_clip_val=0.05)).fit(model, data)
+    trainer = Trainer(**ddp_trainer_kwargs(callbacks=[noise], max_epochs=5, gradient_clip_val=0.05))
+    trainer.fit(model, data)  # 20 steps; measured before every even one
     budgeted = Steps(layers=["net.0"])  # a Trainer takes one estimator: a second fit, of another model
     budgeted.steps = []
     trainer = Trainer(**ddp_trainer_kwargs(callbacks=[budgeted], max_epochs=5))
-    trainer.fit(Classifier(mlp((8, 12, 4)), lr=0.1), data)  # 20 steps; measured before every even one
+    trainer.fit(Classifier(mlp((8, 12, 4)), lr=0.1), data)
     (x, y), params = noise.seen
     last = {k: v for k, v in noise.last.items() if k not in ("lip/noise/seconds", "lip/noise/overhead")}
     save_rank(trainer, out, {"last": last, "x": x, "y": y, "params": params, "budgeted_steps": budgeted.steps})
