@@ -287,9 +287,9 @@ class KappaBudgetProjection(Callback):
                 f"and registry entries; got scopes {scopes}."
             )
         mine = {_weight_source(layer) for layer in self._layers.values()}
-        for peer in peers:
+        for peer in (peer for peer in peers if peer is not self):
             shared = [name for name, layer in peer._layers.items() if _weight_source(layer) in mine]
-            if shared and peer is not self:
+            if shared:
                 raise ValueError(
                     f"The `layers` of {type(self).__name__}(scope={self.scope!r}) and of the one with scope "
                     f"{peer.scope!r} share {shared}: each layer takes one budget."
