@@ -6,6 +6,7 @@ import torch
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import BackboneFinetuning
 from lightning.pytorch.plugins.precision import Precision
+from torch.optim import lr_scheduler
 
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
 from tests.models import Classifier, Finetuned, OverflowsAt, fp16_grad_scaler, loader, mlp, random_data, trainer_kwargs
@@ -59,12 +60,21 @@ class Scheduled(Classifier):
         opt = RecordingSGD(self.parameters(), lr=torch.tensor(self.lr) if lr_type else self.lr, momentum=0.9)
         self.initial_lr = opt.param_groups[0]["lr"]
         schedulers = {
-            "step": lambda: torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
-            "onecycle": lambda: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=16),
-            "cosine": lambda: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=16),
-            "lambda": lambda: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
-            "exponential": lambda: torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9),
-            "plateau": lambda: torch.optim.lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5),
+            "step": lambda: lr_scheduler.StepLR(opt, step_size=3, gamma=0.5),
+            "onecycle": lambda: lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=16),
+            "cosine": lambda: lr_scheduler.CosineAnnealingLR(opt, T_max=16),
+            "lambda": lambda: lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)),
+            "exponential": lambda: lr_scheduler.ExponentialLR(opt, gamma=0.9),
+            "plateau": lambda: lr_scheduler.ReduceLROnPlateau(opt, patience=1, factor=0.5),
+            "warmup_cosine": lambda: lr_scheduler.SequentialLR(
+                opt,
+                [lr_scheduler.LinearLR(opt, 0.1, total_iters=4), lr_scheduler.CosineAnnealingLR(opt, T_max=12)],
+                milestones=[4],
+            ),
+            "chained": lambda: lr_scheduler.ChainedScheduler(
+                [lr_scheduler.ExponentialLR(opt, 0.9), lr_scheduler.StepLR(opt, 5)]
+            ),
+            "cyclic": lambda: lr_scheduler.CyclicLR(opt, 0.01, 0.2, step_size_up=3),  # cycles momentum
         }
         config = {"scheduler": schedulers[name](), "interval": "step"}
         if name == "plateau":
@@ -93,7 +103,11 @@ def fit(tmp_path, model, callbacks, data=None, batch_size=16, ckpt_path=None, **
 
 
 @pytest.mark.parametrize(
-    "schedule", ["step", "onecycle", "cosine", "lambda", "exponential", "plateau", "onecycle-tensor", "step-tensor"]
+    "schedule",
+    [
+        *("step", "onecycle", "cosine", "lambda", "exponential", "plateau", "warmup_cosine", "chained", "cyclic"),
+        *("onecycle-tensor", "step-tensor"),
+    ],
 )
 def test_scheduler_twin_sees_the_schedule_and_the_optimizer_half_of_it(tmp_path, schedule):
     """Also with a tensor learning rate, which stays the same tensor, set in place (as torch's schedulers do); the
