@@ -25,7 +25,7 @@ from lightning_lip import (
     KappaBudgetProjection,
     LipRegistry,
 )
-from lightning_lip.callbacks._common import measurement_mode
+from lightning_lip.callbacks._measuring import measurement_mode
 from tests.ddp import DestroyProcessGroup
 from tests.models import (
     BuiltInConfigureModel,

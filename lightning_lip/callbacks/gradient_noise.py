@@ -20,28 +20,12 @@ from lightning.pytorch.utilities.seed import isolate_rng
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import (
-    BoundModule,
-    Differentiation,
-    LayerShapes,
-    SpawnSafeGenerator,
-    StepBatch,
-    TimeBudget,
-    WarnOnce,
-    check_alone,
-    check_fraction,
-    check_int,
-    check_loss_source,
-    check_strategy,
-    held_parameters,
-    log_metrics,
-    measurement_mode,
-    module_loss,
-    sample_count,
-    stepped_parameters,
-    unsharded,
-    write_tensorboard_layout,
-)
+from lightning_lip.callbacks._checks import check_alone, check_fraction, check_int, check_loss_source, check_strategy
+from lightning_lip.callbacks._layers import LayerShapes
+from lightning_lip.callbacks._logging import WarnOnce, log_metrics, write_tensorboard_layout
+from lightning_lip.callbacks._measuring import Differentiation, StepBatch, measurement_mode, module_loss, sample_count
+from lightning_lip.callbacks._optimizers import held_parameters, stepped_parameters, unsharded
+from lightning_lip.callbacks._state import BoundModule, SpawnSafeGenerator, TimeBudget
 from lightning_lip.functional.batch import leading_sizes, slice_batch
 from lightning_lip.functional.lanczos import warm_start
 from lightning_lip.functional.noise import (

@@ -21,29 +21,26 @@ from torch.nn.parameter import is_lazy
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import (
-    BoundModule,
-    SpawnSafeGenerator,
-    StepBatch,
-    WarnOnce,
+from lightning_lip.callbacks._checks import (
     check_alone,
     check_choice,
     check_int,
     check_loss_source,
     check_positive,
     check_strategy,
+)
+from lightning_lip.callbacks._logging import WarnOnce, log_metrics, tensorboard_writer, write_tensorboard_layout
+from lightning_lip.callbacks._measuring import (
+    StepBatch,
     detached,
     differentiation_failure,
     first_line,
-    log_metrics,
     measurement_mode,
     module_loss,
     sample_count,
-    stepped_parameters,
-    tensorboard_writer,
-    unsharded,
-    write_tensorboard_layout,
 )
+from lightning_lip.callbacks._optimizers import stepped_parameters, unsharded
+from lightning_lip.callbacks._state import BoundModule, SpawnSafeGenerator, gather_rank_probes, select_rank_probe
 from lightning_lip.functional.batch import batch_tree
 from lightning_lip.functional.hvp import hvp_operator
 from lightning_lip.functional.lanczos import SpectralDensity, lanczos, slq_density, warm_start
@@ -468,23 +465,3 @@ class HessianEigenMonitor(Callback):
 
 def _to_device_of(leaf: Any, like: Any) -> Any:
     return leaf.to(like.device) if isinstance(leaf, Tensor) and isinstance(like, Tensor) else leaf
-
-
-def gather_rank_probes(trainer: Trainer, state: dict[str, Any] | None) -> None:
-    """Under DDP, add every rank's probe to ``state``, a monitor's state in a checkpoint being saved: each rank
-    measures its own share of the probe, and Lightning writes rank 0's callback states only. A collective: Lightning
-    saves checkpoints on every rank."""
-    if trainer.world_size == 1 or state is None or not torch.distributed.is_initialized():
-        return
-    leaves = [[leaf.cpu() if isinstance(leaf, Tensor) else leaf for leaf in batch] for batch in state["probe_leaves"]]
-    probes: list[Any] = [None] * trainer.world_size
-    torch.distributed.all_gather_object(probes, (leaves, state["probe_size"]))
-    state["rank_probes"] = probes
-
-
-def select_rank_probe(trainer: Trainer, state: dict[str, Any] | None) -> None:
-    """Before ``load_state_dict``: this rank's probe in ``state``, from a checkpoint that :func:`gather_rank_probes`
-    saved (rank 0's probe where the saving run had fewer ranks)."""
-    probes = None if state is None else state.pop("rank_probes", None)
-    if probes and trainer.global_rank < len(probes):
-        state["probe_leaves"], state["probe_size"] = probes[trainer.global_rank]

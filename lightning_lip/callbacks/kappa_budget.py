@@ -24,22 +24,17 @@ from torch.nn.utils import parametrize
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import (
-    BoundModule,
-    LayerChains,
-    LayerShapes,
-    SpawnSafeGenerator,
+from lightning_lip.callbacks._checks import check_choice, check_int, check_positive, check_strategy
+from lightning_lip.callbacks._layers import LayerChains, LayerShapes
+from lightning_lip.callbacks._logging import (
     WarnOnce,
-    check_choice,
-    check_int,
-    check_positive,
-    check_strategy,
-    held_parameters,
     log_for_monitors,
     log_on_logger_steps,
     tensorboard_writer,
     write_tensorboard_layout,
 )
+from lightning_lip.callbacks._optimizers import held_parameters
+from lightning_lip.callbacks._state import BoundModule, SpawnSafeGenerator
 from lightning_lip.functional.lanczos import warm_start
 from lightning_lip.functional.spectral import (
     SUPPORTED_LAYERS,
@@ -317,7 +312,7 @@ class KappaBudgetProjection(Callback):
 
     def _warn_repeated(self) -> None:
         """After the first training step's forward passes: warn about the layers they applied several times in a
-        chain (see :class:`~lightning_lip.callbacks._common.LayerChains`)."""
+        chain (see :class:`~lightning_lip.callbacks._layers.LayerChains`)."""
         if not self._chains.following:
             return
         repeated = self._chains.stop()

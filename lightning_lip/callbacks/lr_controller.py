@@ -20,22 +20,18 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_lip.callbacks._common import (
-    BoundModule,
-    WarnOnce,
+from lightning_lip.callbacks._checks import (
     check_alone,
     check_choice,
     check_fraction,
     check_int,
     check_loss_source,
     check_strategy,
-    grad_scaler,
-    log_for_monitors,
-    log_on_logger_steps,
-    unsharded,
-    write_tensorboard_layout,
 )
-from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor, gather_rank_probes, select_rank_probe
+from lightning_lip.callbacks._logging import WarnOnce, log_for_monitors, log_on_logger_steps, write_tensorboard_layout
+from lightning_lip.callbacks._optimizers import grad_scaler, unsharded
+from lightning_lip.callbacks._state import BoundModule, gather_rank_probes, select_rank_probe
+from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
 from lightning_lip.functional.stability import stability_threshold
 from lightning_lip.registry import LipRegistry
 

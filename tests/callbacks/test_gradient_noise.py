@@ -13,7 +13,7 @@ from torch.nn.utils import prune
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_lip import GradientNoiseEstimator, KappaBudgetProjection, LipRegistry
-from lightning_lip.callbacks._common import TimeBudget
+from lightning_lip.callbacks._state import TimeBudget
 from tests.models import (
     GAN,
     Classifier,

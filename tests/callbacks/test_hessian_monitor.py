@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from lightning_lip import CurvatureLRController, HessianEigenMonitor, LipRegistry
-from lightning_lip.callbacks._common import measurement_mode, module_loss
+from lightning_lip.callbacks._measuring import measurement_mode, module_loss
 from lightning_lip.functional.hvp import hvp_operator
 from tests.models import (
     Classifier,

@@ -14,7 +14,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from lightning_lip import CurvatureLRController, KappaBudgetProjection, LipRegistry
-from lightning_lip.callbacks._common import _LAYOUT, LayerShapes
+from lightning_lip.callbacks._layers import LayerShapes
+from lightning_lip.callbacks._logging import _LAYOUT
 from lightning_lip.callbacks.kappa_budget import _gain_above_one
 from lightning_lip.functional.spectral import SUPPORTED_LAYERS, lanczos_svd, random_start
 from tests.models import (

@@ -9,7 +9,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_lip import GradientNoiseEstimator
-from lightning_lip.callbacks._common import TimeBudget
+from lightning_lip.callbacks._state import TimeBudget
 from tests.ddp import ddp_trainer_kwargs, save_rank
 from tests.models import Classifier, loader, mlp, random_data
 

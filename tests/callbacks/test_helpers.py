@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from lightning_lip.callbacks._common import Differentiation, WarnOnce, held_parameters, module_loss
+from lightning_lip.callbacks._logging import WarnOnce
+from lightning_lip.callbacks._measuring import Differentiation, module_loss
+from lightning_lip.callbacks._optimizers import held_parameters
 from lightning_lip.functional import per_sample_grads
 from tests.models import Classifier, mlp
 
