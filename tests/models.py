@@ -12,6 +12,8 @@ from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lightning_lip import GradientNoiseEstimator
+
 
 def mlp(sizes: tuple[int, ...] = (16, 32, 32, 4)) -> nn.Sequential:
     layers: list[nn.Module] = []
@@ -293,3 +295,22 @@ def trainer_kwargs(tmp_path, **overrides) -> dict:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+class PairedNoiseEstimator(GradientNoiseEstimator):
+    """Records the steps for which it ``predicted`` the change of the layer norms and those it ``observed``."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.predicted: list[int] = []
+        self.observed: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self._expected is not None:
+            self.predicted.append(trainer.global_step)
+
+    def _on_optimizer_step(self, trainer, optimizer, args, kwargs):
+        if self._expected is not None:
+            self.observed.append(trainer.global_step)
+        super()._on_optimizer_step(trainer, optimizer, args, kwargs)

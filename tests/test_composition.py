@@ -33,6 +33,7 @@ from tests.models import (
     Encoding,
     OldStyleReLU,
     OverflowsAt,
+    PairedNoiseEstimator,
     cnn,
     conv1d,
     fp16_grad_scaler,
@@ -276,6 +277,46 @@ def test_gradient_accumulation(tmp_path):
     assert trainer.global_step == 4 and steps == [(1, None), (2, None), (3, None), (4, None), (4, True)]
     assert kappa.n_projections == 5 and monitor.n_runs == 2 and noise.n_runs == 2
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+class SwitchesOptimizer(Callback):
+    """From epoch 1 on, SGD with momentum instead of Adam, set on the strategy in ``on_train_epoch_start`` (Lightning's
+    answer to "how do I change the optimizer during training", and PINA's ``SwitchOptimizer``). The new optimizer
+    records the rate of each update (a step post-hook registered before the controller restores the scheduled one)."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 1:
+            self.old, (new,) = trainer.optimizers[0], [torch.optim.SGD(pl_module.parameters(), lr=8.0, momentum=0.9)]
+            new.used = []
+            new.register_step_post_hook(lambda opt, args, kwargs: opt.used.append(opt.param_groups[0]["lr"]))
+            trainer.strategy.optimizers = [new]
+
+
+def test_an_optimizer_switched_during_fit_is_followed(tmp_path):
+    """The projection and the estimator hook every optimizer step, the controller the first optimizer's: they move
+    their hooks to the optimizer that replaces it. They stayed on the old one: no more projections (the product of
+    the dense norms grew to 7e10 against the budget of 1), no throttle on a rate that makes training diverge."""
+
+    class Norms(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            linears = [m for m in pl_module.modules() if isinstance(m, torch.nn.Linear)]
+            products.append(math.prod(torch.linalg.matrix_norm(m.weight.detach(), 2).item() for m in linears))
+            effective.append(LipRegistry.of(trainer).get("lr/effective")[0])
+
+    products, effective = [], []
+    switch, noise = SwitchesOptimizer(), PairedNoiseEstimator(every_n_steps=2)
+    kappa, controller = KappaBudgetProjection(max_lipschitz=1.0), CurvatureLRController(mode="strict")
+    callbacks = [switch, kappa, HessianEigenMonitor(every_n_steps=1, max_iter=10), noise, controller, Norms()]
+    torch.manual_seed(0)
+    model = Classifier(mlp(), optimizer=lambda params: torch.optim.Adam(params, lr=1e-3))
+    trainer = Trainer(callbacks=callbacks, **trainer_kwargs(tmp_path, max_epochs=3))
+    trainer.fit(model, loader(random_data(64)))
+    assert trainer.global_step == 12 and kappa.n_projections >= 12
+    assert max(products) <= 1.0 * (1 + 1e-2)  # the tolerance of the per-step estimate (see test_kappa_budget)
+    assert not switch.old._optimizer_step_pre_hooks and not switch.old._optimizer_step_post_hooks
+    (new,) = trainer.optimizers
+    assert new.used == effective[4:] and min(new.used) < 8.0 / 2  # every update of the new optimizer throttled
+    assert noise.predicted == noise.observed and max(noise.observed) >= 4
 
 
 def test_bf16_autocast_on_cpu(tmp_path):

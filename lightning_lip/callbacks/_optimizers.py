@@ -1,8 +1,10 @@
 """What the optimizers step and how: the parameters they hold, a ZeroRedundancyOptimizer's whole view, the
-GradScaler."""
+GradScaler, and hooks on their steps that follow a switch of optimizers."""
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
@@ -10,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
+from torch.utils.hooks import RemovableHandle
 
 from lightning_lip.functional._stateless import trainable_parameters
 
@@ -80,3 +83,43 @@ def grad_scaler(trainer: pl.Trainer) -> torch.amp.GradScaler | None:
     overflow, lowering its scale."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return scaler if isinstance(scaler, torch.amp.GradScaler) and scaler.is_enabled() else None
+
+
+class StepHooks:
+    """A callback's hooks on the steps of the Trainer's optimizers, moved to the optimizers that replace them during
+    fit: a callback that switches optimizers (``trainer.strategy.optimizers = [...]`` in ``on_train_epoch_start``,
+    Adam to LBFGS, say) would otherwise leave the hooks on an optimizer that no longer steps. Call :meth:`follow` at
+    the start of fit and of every training batch."""
+
+    def __init__(self) -> None:
+        self.optimizers: tuple[torch.optim.Optimizer, ...] = ()
+        self._handles: list[RemovableHandle] = []
+
+    def follow(
+        self,
+        optimizers: Sequence[torch.optim.Optimizer],
+        pre: Callable[..., None] | None = None,
+        post: Callable[..., None] | None = None,
+        post_first: bool = False,
+    ) -> bool:
+        """Register ``pre`` and ``post`` as step pre- and post-hooks of each of ``optimizers`` (``post`` before the
+        post-hooks there already where ``post_first``), unless these are the optimizers hooked already; remove them
+        from the others. Returns whether the optimizers changed."""
+        if len(optimizers) == len(self.optimizers) and all(map(operator.is_, optimizers, self.optimizers)):
+            return False
+        self.remove()
+        self.optimizers = tuple(optimizers)
+        for optimizer in self.optimizers:
+            if pre is not None:
+                self._handles.append(optimizer.register_step_pre_hook(pre))
+            if post is not None:
+                handle = optimizer.register_step_post_hook(post)
+                if post_first:
+                    optimizer._optimizer_step_post_hooks.move_to_end(handle.id, last=False)
+                self._handles.append(handle)
+        return True
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self.optimizers = [], ()

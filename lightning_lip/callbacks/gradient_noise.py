@@ -24,7 +24,7 @@ from lightning_lip.callbacks._checks import check_alone, check_fraction, check_i
 from lightning_lip.callbacks._layers import LayerShapes
 from lightning_lip.callbacks._logging import WarnOnce, log_metrics, write_tensorboard_layout
 from lightning_lip.callbacks._measuring import Differentiation, StepBatch, measurement_mode, module_loss, sample_count
-from lightning_lip.callbacks._optimizers import held_parameters, stepped_parameters, unsharded
+from lightning_lip.callbacks._optimizers import StepHooks, held_parameters, stepped_parameters, unsharded
 from lightning_lip.callbacks._state import BoundModule, SpawnSafeGenerator, TimeBudget
 from lightning_lip.functional.batch import leading_sizes, slice_batch
 from lightning_lip.functional.lanczos import warm_start
@@ -157,7 +157,7 @@ class GradientNoiseEstimator(Callback):
         self.predict = predict
 
         self._layers: dict[str, nn.Module] = {}
-        self._handles: list[Any] = []
+        self._step_hooks = StepHooks()
         self._registry: LipRegistry | None = None  # the fit's, for singular vectors a projection publishes
         self._module = BoundModule()
         self._start_afresh()
@@ -277,11 +277,7 @@ class GradientNoiseEstimator(Callback):
         self._registry = LipRegistry.of(trainer)
         self._stepped = None
         write_tensorboard_layout(trainer)
-        for optimizer in trainer.optimizers:
-            handle = optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer))
-            # observe the step before any other post-hook (a projection) changes the weights
-            optimizer._optimizer_step_post_hooks.move_to_end(handle.id, last=False)
-            self._handles.append(handle)
+        self._follow_optimizers(trainer)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -289,6 +285,7 @@ class GradientNoiseEstimator(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._follow_optimizers(trainer)
         self._step_batch.start(batch)
 
     @override
@@ -562,6 +559,11 @@ class GradientNoiseEstimator(Callback):
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         self._n_backward += 1
 
+    def _follow_optimizers(self, trainer: Trainer) -> None:
+        """Observe the steps of the Trainer's optimizers (also of those that replace them during fit) before any other
+        post-hook (a projection) changes the weights."""
+        self._step_hooks.follow(trainer.optimizers, post=partial(self._on_optimizer_step, trainer), post_first=True)
+
     def _on_optimizer_step(self, trainer: Trainer, optimizer: Any, args: Any, kwargs: Any) -> None:
         self._n_backward = 0
         if self._expected is None:
@@ -614,9 +616,7 @@ class GradientNoiseEstimator(Callback):
         self.teardown(trainer, pl_module, trainer.state.fn)  # Lightning calls none after an error or interrupt
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._step_hooks.remove()
         self._shapes.remove()
 
     @override

@@ -33,7 +33,7 @@ from lightning_lip.callbacks._logging import (
     tensorboard_writer,
     write_tensorboard_layout,
 )
-from lightning_lip.callbacks._optimizers import held_parameters
+from lightning_lip.callbacks._optimizers import StepHooks, held_parameters
 from lightning_lip.callbacks._state import BoundModule, SpawnSafeGenerator
 from lightning_lip.functional.lanczos import warm_start
 from lightning_lip.functional.spectral import (
@@ -189,7 +189,7 @@ class KappaBudgetProjection(Callback):
 
         self._layers: dict[str, nn.Module] = {}
         self._weight_params: dict[str, list[Tensor]] = {}
-        self._handles: list[Any] = []
+        self._step_hooks = StepHooks()
         self._chains = LayerChains()
         self._follow_chains = False
         self._module = BoundModule()
@@ -258,8 +258,7 @@ class KappaBudgetProjection(Callback):
         self._attach(pl_module)
         self._follow_chains = True
         write_tensorboard_layout(trainer)
-        for optimizer in trainer.optimizers:
-            self._handles.append(optimizer.register_step_post_hook(partial(self._on_optimizer_step, trainer)))
+        self._follow_optimizers(trainer)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -293,6 +292,7 @@ class KappaBudgetProjection(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._follow_optimizers(trainer)
         if self._follow_chains:  # the first training step of this fit
             self._follow_chains = False
             self._chains.start(self._tied_groups(pl_module))
@@ -397,6 +397,10 @@ class KappaBudgetProjection(Callback):
             if missing:
                 raise ValueError(f"`kappas` has no budget for the projected layers {missing}.")
         return covered, excluded
+
+    def _follow_optimizers(self, trainer: Trainer) -> None:
+        """Project after the steps of the Trainer's optimizers, also of those that replace them during fit."""
+        self._step_hooks.follow(trainer.optimizers, post=partial(self._on_optimizer_step, trainer))
 
     def _on_optimizer_step(self, trainer: Trainer, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         # A step post-hook fires only for real steps: not on accumulation micro-batches, not when AMP skips a step.
@@ -674,9 +678,7 @@ class KappaBudgetProjection(Callback):
         self.teardown(trainer, pl_module, trainer.state.fn)  # Lightning calls none after an error or interrupt
 
     def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._step_hooks.remove()
         self._shapes.remove()
         self._chains.remove()
 

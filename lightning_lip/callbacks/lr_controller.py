@@ -29,7 +29,7 @@ from lightning_lip.callbacks._checks import (
     check_strategy,
 )
 from lightning_lip.callbacks._logging import WarnOnce, log_for_monitors, log_on_logger_steps, write_tensorboard_layout
-from lightning_lip.callbacks._optimizers import grad_scaler, unsharded
+from lightning_lip.callbacks._optimizers import StepHooks, grad_scaler, unsharded
 from lightning_lip.callbacks._state import BoundModule, gather_rank_probes, select_rank_probe
 from lightning_lip.callbacks.hessian_monitor import HessianEigenMonitor
 from lightning_lip.functional.stability import stability_threshold
@@ -201,7 +201,7 @@ class CurvatureLRController(Callback):
         self.probe_iterations = probe_iterations
         self.probe_samples = probe_samples
 
-        self._handles: list[Any] = []
+        self._step_hooks = StepHooks()
         self._module = BoundModule()
         self._start_afresh()
 
@@ -300,16 +300,16 @@ class CurvatureLRController(Callback):
         self._loss_step = None
         if self._last_signal is not None and "hessian/lambda_max" not in registry:  # resumed: the signal it had
             registry.publish("hessian/lambda_max", *self._last_signal)
-        if not trainer.optimizers:
-            return
-        optimizer = trainer.optimizers[0]
-        if len(trainer.optimizers) > 1:
-            self._warn("optimizers", "CurvatureLRController controls the first optimizer only.")
-        self._match_groups(optimizer)
-        self._handles = [
-            optimizer.register_step_pre_hook(partial(self._before_step, trainer)),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
+        self._follow_optimizer(trainer)
+
+    def _follow_optimizer(self, trainer: Trainer) -> None:
+        """Control the Trainer's first optimizer, also one that replaces it during fit, whose param groups take over
+        the throttle states in order."""
+        pre = partial(self._before_step, trainer)
+        if self._step_hooks.follow(trainer.optimizers[:1], pre=pre, post=self._after_step) and trainer.optimizers:
+            if len(trainer.optimizers) > 1:
+                self._warn("optimizers", "CurvatureLRController controls the first optimizer only.")
+            self._match_groups(trainer.optimizers[0])
 
     def _match_groups(self, optimizer: torch.optim.Optimizer) -> None:
         """One throttle state per param group. A group added during training (as ``BackboneFinetuning`` adds the
@@ -322,6 +322,7 @@ class CurvatureLRController(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._follow_optimizer(trainer)
         # No signal before the first measurement: measure once on this batch, so that the first steps are guarded too
         # (on the next batch again if there is nothing to measure yet: lazy modules, Adam before its first step; not
         # where measurements have stopped: no samples found in the batch).
@@ -546,11 +547,11 @@ class CurvatureLRController(Callback):
 
     @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._remove_hooks()
+        self._step_hooks.remove()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_hooks()
+        self._step_hooks.remove()
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -578,11 +579,6 @@ class CurvatureLRController(Callback):
         state = checkpoint.get("callbacks", {}).get(self.state_key)
         if state is not None:
             select_rank_probe(trainer, state["probe"])
-
-    def _remove_hooks(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from tests.models import (
     Finetuned,
     NoisyInputs,
     OverflowsAt,
+    PairedNoiseEstimator,
     cnn,
     fp16_grad_scaler,
     loader,
@@ -735,19 +736,7 @@ def test_a_prediction_for_a_step_the_grad_scaler_skipped_is_dropped(tmp_path):
     """``precision="16-mixed"``: the GradScaler skips a step whose gradients overflow, and its step hooks do not run.
     The prediction made for that step was observed at the next step taken instead, a step it did not predict."""
 
-    class Paired(GradientNoiseEstimator):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-            if self._expected is not None:
-                self.predicted.append(trainer.global_step)
-
-        def _on_optimizer_step(self, trainer, optimizer, args, kwargs):
-            if self._expected is not None:
-                self.observed.append(trainer.global_step)
-            super()._on_optimizer_step(trainer, optimizer, args, kwargs)
-
-    noise = Paired(every_n_steps=3)
-    noise.predicted, noise.observed = [], []
+    noise = PairedNoiseEstimator(every_n_steps=3)
     model = OverflowsAt(mlp(), overflow_steps=(3,), lr=0.05)
     fit(tmp_path, model, random_data(128), [noise], plugins=[fp16_grad_scaler(init_scale=2.0**8)])
     assert 3 not in model.stepped and len(model.stepped) == 7  # steps 0..7; the scaler skipped step 3
