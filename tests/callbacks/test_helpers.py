@@ -3,7 +3,7 @@ import torch
 
 from lightning_lip.callbacks._logging import WarnOnce
 from lightning_lip.callbacks._measuring import Differentiation, module_loss
-from lightning_lip.callbacks._optimizers import held_parameters
+from lightning_lip.callbacks._optimizers import StepHooks, held_parameters
 from lightning_lip.functional import per_sample_grads
 from tests.models import Classifier, mlp
 
@@ -94,3 +94,27 @@ def test_held_parameters_are_the_modules_the_optimizers_step_or_all_where_they_s
     heads = {id(p) for p in net[4].parameters()}
     assert held_parameters([head], net) == held_parameters([head, copies], net) == heads
     assert held_parameters([copies], net) == {id(p) for p in net.parameters()}
+
+
+def test_step_hooks_move_to_the_optimizers_that_replace_the_hooked_ones():
+    """The same optimizers keep their hooks (registered once); others take them over, and the old ones lose them.
+    ``post_first`` puts the post-hook before those registered earlier."""
+    calls = []
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    old, new = torch.optim.SGD(params, lr=0.1), torch.optim.SGD(params, lr=0.1)
+    new.register_step_post_hook(lambda *args: calls.append("earlier"))
+    hooks = StepHooks()
+    pre, post = (lambda opt, args, kwargs: calls.append(("pre", opt))), (lambda opt, args, kwargs: calls.append("post"))
+    assert hooks.follow([old], pre=pre, post=post, post_first=True)
+    assert not hooks.follow([old], pre=pre, post=post, post_first=True)
+    old.step()
+    assert calls == [("pre", old), "post"]
+    assert hooks.follow([new], pre=pre, post=post, post_first=True) and hooks.optimizers == (new,)
+    calls.clear()
+    old.step()
+    new.step()
+    assert calls == [("pre", new), "post", "earlier"]
+    hooks.remove()
+    calls.clear()
+    new.step()
+    assert calls == ["earlier"] and hooks.optimizers == ()
